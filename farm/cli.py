@@ -1,0 +1,132 @@
+"""The `ufarm` command line: run, status, demo (and evaluate, tune where installed).
+
+Bad input ends with one line on stderr (`ufarm: error: ...`) and exit status 2, before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .datasets import DataError
+from .spec import SpecError, load_spec
+from .store import RunStore, StoreError
+
+DEFAULT_DEMO_STORE = "runs/digits-demo"
+USER_ERRORS = (SpecError, DataError, StoreError)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started on demand)")
+    p.add_argument("--max-workers", type=int, help="at most this many Ray workers (default: as many as fit)")
+    p.add_argument("--local", action="store_true", help="train in a plain in-process loop, without Ray")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ufarm", description="Reference-model farm for judging machine unlearning.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train every model of SPEC that the store does not hold yet")
+    p.add_argument("spec", help="a YAML spec path or a preset name (ufarm presets)")
+    p.add_argument("--store", required=True, help="run store URI: a folder, file://... or s3://bucket/prefix")
+    _add_run_options(p)
+    p = sub.add_parser("status", help="models per role: planned, done, missing, failed")
+    p.add_argument("store", help="run store URI")
+    p = sub.add_parser("demo", help="run the digits-demo preset end to end and summarize it")
+    p.add_argument("--store", default=DEFAULT_DEMO_STORE, help=f"run store URI (default: {DEFAULT_DEMO_STORE})")
+    _add_run_options(p)
+    sub.add_parser("presets", help="list the specs shipped with the package")
+    return ap
+
+
+def cmd_run(spec_arg: str, args) -> int:
+    from .runner import prepare_run, run_local, run_ray
+
+    spec = load_spec(spec_arg)
+    prep = prepare_run(spec, args.store)
+    print(f"ufarm: run {spec.name!r} in {prep.store.uri}: {len(prep.plan.jobs)} models planned, "
+          f"{len(prep.done)} already done, {len(prep.pending)} to train", flush=True)
+    progress = not args.no_progress
+    if args.local:
+        result = run_local(prep, progress=progress)
+    else:
+        result = run_ray(prep, address=args.address, max_workers=args.max_workers, progress=progress)
+    print(f"ufarm: trained {len(result.trained)} models in {result.seconds:.1f} s; "
+          f"{len(result.failed)} failed; store: {prep.store.uri}", flush=True)
+    for model_id, error in result.failed.items():
+        print(f"  failed {model_id}: {error}")
+    return 1 if result.failed else 0
+
+
+def print_status(uri: str) -> dict:
+    from .status import summarize
+
+    s = summarize(RunStore(uri))
+    m = s["manifest"]
+    print(f"run store: {s['store']}")
+    print(f"spec: {s['spec']}   dataset: {m['dataset']['name']} ({m['n_examples']} examples, "
+          f"{m['n_classes']} classes; splits {m['dataset']['splits']})")
+    print(f"{'role':<10} {'planned':>8} {'done':>8} {'missing':>8} {'failed':>8}")
+    total = {"planned": 0, "done": 0, "missing": 0, "failed": 0}
+    for role, row in s["roles"].items():
+        print(f"{role:<10} {row['planned']:>8} {row['done']:>8} {row['missing']:>8} {row['failed']:>8}")
+        for k in total:
+            total[k] += row[k]
+    print(f"{'total':<10} {total['planned']:>8} {total['done']:>8} {total['missing']:>8} {total['failed']:>8}")
+    for model_id, error in s["failed"].items():
+        print(f"failed {model_id}: {error}")
+    if s["other_models"]:
+        print(f"{len(s['other_models'])} more models in the store come from earlier specs of this run")
+    return s
+
+
+def cmd_demo(args) -> int:
+    rc = cmd_run("digits-demo", args)
+    print()
+    s = print_status(args.store)
+    from .store import RunStore as _Store
+
+    markers = _Store(args.store).markers()
+    print("\nmean accuracy per role (plain query):")
+    for role in s["roles"]:
+        accs = [mk["accuracy"] for mk in markers.values() if mk["role"] == role]
+        if accs:
+            parts = []
+            for split in ("retain", "forget", "test"):
+                vals = [a[split] for a in accs if a.get(split) is not None]
+                parts.append(f"{split} {sum(vals) / len(vals):.3f}")
+            print(f"  {role:<10} " + "  ".join(parts))
+    where = args.store if "://" in args.store else os.path.abspath(args.store)
+    print(f"\nthe run is in {where}  (ufarm status {args.store})")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="ufarm: %(message)s")
+    try:
+        if args.command == "run":
+            return cmd_run(args.spec, args)
+        if args.command == "status":
+            print_status(args.store)
+            return 0
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "presets":
+            from .spec import preset_names
+
+            print("\n".join(preset_names()))
+            return 0
+    except USER_ERRORS as exc:
+        print(f"ufarm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ufarm: interrupted; models already committed stay, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

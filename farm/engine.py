@@ -1,0 +1,115 @@
+"""The training engine: one object that holds the dataset on its device and turns a Job into a committed
+model in the store (train or unlearn, predict every example under every query, write logits, then marker).
+
+No Ray here: a Ray actor wraps an Engine (farm.runner), and a plain loop or a machine without Ray uses it
+directly.
+"""
+from __future__ import annotations
+
+import io
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .methods import get_method
+from .models import build_model
+from .plan import Job
+from .spec import Spec
+from .store import RunStore, logits_table
+from .training import accuracy, make_loader, predict_logits, set_determinism, train_model
+
+
+class MethodOutputError(RuntimeError):
+    """An unlearning method returned something that is not a usable model of the original's shape."""
+
+
+@dataclass
+class RunContext:
+    """Everything a worker needs, shipped once per worker (through Ray's object store on a cluster)."""
+    spec: Spec
+    store_uri: str
+    images: np.ndarray = field(repr=False)  # float32 [N, C, H, W]
+    labels: np.ndarray = field(repr=False)  # int64 [N]
+    split: np.ndarray = field(repr=False)  # str [N]
+    forget: np.ndarray = field(repr=False)  # bool [N]
+    n_classes: int = 10
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class Engine:
+    def __init__(self, ctx: RunContext, device: str | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.images = torch.tensor(ctx.images, device=self.device)  # a copy: object-store arrays are read-only
+        self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
+        self.store = RunStore(ctx.store_uri)
+        split = ctx.split
+        self.masks = {"train": split == "train", "val": split == "val", "test": split == "test",
+                      "retain": (split == "train") & ~ctx.forget, "forget": ctx.forget}
+
+    def new_model(self) -> torch.nn.Module:
+        _, c, h, _ = self.ctx.images.shape
+        return build_model(self.spec.model, in_channels=c, n_classes=self.ctx.n_classes, image_size=h).to(self.device)
+
+    def run(self, job: Job) -> dict:
+        """Train (or unlearn) the job's model and commit it to the store; returns its marker."""
+        start = time.perf_counter()
+        gen = set_determinism(job.seed)
+        model = self.new_model()
+        if job.role == "unlearned":
+            model = self._unlearn(model, job)
+        else:
+            train_model(model, self.images, self.labels, job.train_idx, self.spec.training, gen)
+        train_seconds = time.perf_counter() - start
+        logits = predict_logits(model, self.images, self.spec.queries, self.spec.training.eval_batch_size)
+        if not np.isfinite(logits).all():
+            bad = int((~np.isfinite(logits)).any(axis=(1, 2)).sum())
+            raise MethodOutputError(f"model {job.model_id} produced NaN or infinite logits for {bad} examples")
+        trained_on = np.zeros(len(self.ctx.labels), dtype=bool)
+        trained_on[job.train_idx] = True
+        forgotten = self.ctx.forget if job.role in ("retrain", "unlearned") else np.zeros_like(trained_on)
+        table = logits_table(self.ctx.labels, logits, trained_on, forgotten, self.spec.outputs.keep_logits)
+        weights = None
+        if job.role == "original" or self.spec.outputs.keep_weights:
+            buf = io.BytesIO()
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
+            weights = buf.getvalue()
+        pred = logits[:, 0].argmax(-1)
+        acc = {name: accuracy(pred, self.ctx.labels, mask) for name, mask in self.masks.items()}
+        marker = {
+            "role": job.role, "seed": job.seed, "parent": job.parent, "method": job.method,
+            "hparams": job.hparams, "train_examples": int(len(job.train_idx)),
+            "train_seconds": round(train_seconds, 4), "seconds": round(time.perf_counter() - start, 4),
+            "accuracy": acc, "device": device_name(self.device),
+        }
+        return self.store.write_model(job.model_id, table, marker, weights)
+
+    def _unlearn(self, model: torch.nn.Module, job: Job) -> torch.nn.Module:
+        state = torch.load(io.BytesIO(self.store.read_weights(job.parent)), map_location=self.device)
+        model.load_state_dict(state)
+        method = get_method(job.method)
+        hparams = method.resolve(job.hparams)
+        bs = self.spec.training.batch_size
+        retain = make_loader(self.images, self.labels, np.flatnonzero(self.masks["retain"]), bs, True, job.seed)
+        forget = make_loader(self.images, self.labels, np.flatnonzero(self.masks["forget"]), bs, True, job.seed + 1)
+        val = make_loader(self.images, self.labels, np.flatnonzero(self.masks["val"]), bs, False, job.seed + 2)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        out = method.fn(model, retain, forget, val, **hparams)
+        if not isinstance(out, torch.nn.Module):
+            raise MethodOutputError(f"method {job.method!r} returned {type(out).__name__}, not a torch.nn.Module")
+        out_shapes = {k: tuple(v.shape) for k, v in out.state_dict().items()}
+        if out_shapes != shapes:
+            raise MethodOutputError(f"method {job.method!r} returned a model of another shape than the original")
+        return out.to(self.device).eval()
+

@@ -1,0 +1,277 @@
+"""Run a spec against a store: prepare (validate, plan, manifest), then train what is missing, either
+through long-lived Ray actors or in a plain in-process loop.
+
+Scheduling rules (the same for both executors):
+- a job that raises is retried up to spec.max_retries times, then reported by id with its error in
+  <run>/failed/<model_id>.json while the other jobs go on;
+- with Ray, a worker that dies mid-job (process killed, node lost) is replaced and its job re-queued;
+  that does not count as a retry, up to MAX_WORKER_DEATHS deaths of the same job;
+- unlearned jobs wait for their original; if the original fails, they fail with that reason.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+from tqdm import tqdm
+
+from .datasets import Dataset, load_dataset
+from .engine import RunContext
+from .methods import get_method
+from .plan import Job, Plan, make_plan
+from .spec import Spec
+from .store import FORMAT_VERSION, RunStore, examples_table
+
+MAX_WORKER_DEATHS = 3
+log = logging.getLogger("ufarm")
+
+
+@dataclass
+class RunResult:
+    store: str
+    planned: int
+    already_done: int
+    trained: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # model_id -> one-line error
+    seconds: float = 0.0
+
+
+@dataclass
+class PreparedRun:
+    spec: Spec
+    store: RunStore
+    dataset: Dataset
+    plan: Plan
+    done: dict[str, dict]  # model_id -> marker of models already committed and intact
+
+    @property
+    def pending(self) -> list[Job]:
+        return [j for j in self.plan.jobs if j.model_id not in self.done]
+
+    def context(self) -> RunContext:
+        return RunContext(spec=self.spec, store_uri=self.store.uri, images=self.dataset.images,
+                          labels=self.dataset.labels, split=self.dataset.split, forget=self.plan.forget,
+                          n_classes=self.dataset.n_classes)
+
+
+def build_manifest(spec: Spec, dataset: Dataset) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "identity": spec.identity_hash(),
+        "identity_fields": spec.identity(),
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint,
+                    "splits": {s: int((dataset.split == s).sum()) for s in ("train", "val", "test")}},
+        "n_examples": int(len(dataset.labels)),
+        "n_classes": int(dataset.n_classes),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def prepare_run(spec: Spec, store_uri: str) -> PreparedRun:
+    """Everything that can fail on bad input happens here, before the first byte is written."""
+    for u in spec.unlearn:
+        get_method(u.method).resolve(u.hparams)
+    store = RunStore(store_uri)
+    store.check_reachable()
+    dataset = load_dataset(spec.dataset, spec.seed)
+    plan = make_plan(spec, dataset.split, dataset.labels, dataset.groups)
+    store.init_run(build_manifest(spec, dataset), examples_table(dataset.split, dataset.labels, dataset.groups,
+                                                                 plan.forget))
+    store.remove_temporaries()
+    planned = {j.model_id for j in plan.jobs}
+    done = {mid: m for mid, m in store.intact_models().items() if mid in planned}
+    return PreparedRun(spec, store, dataset, plan, done)
+
+
+class _Scheduler:
+    """Job bookkeeping shared by both executors: ready queue, parents, retries, failures, progress."""
+
+    def __init__(self, prep: PreparedRun, progress: bool):
+        self.prep = prep
+        self.result = RunResult(store=prep.store.uri, planned=len(prep.plan.jobs), already_done=len(prep.done))
+        self.done = set(prep.done)
+        self.attempts: dict[str, int] = {}
+        self.deaths: dict[str, int] = {}
+        self.queue: deque[Job] = deque()
+        self.waiting: list[Job] = []
+        for job in prep.pending:
+            (self.waiting if job.parent and job.parent not in self.done else self.queue).append(job)
+        self.bar = tqdm(total=len(prep.plan.jobs), initial=len(prep.done), unit="model", desc=prep.spec.name,
+                        disable=not progress, dynamic_ncols=True)
+
+    def release_waiting(self) -> None:
+        still = []
+        for job in self.waiting:
+            if job.parent in self.done:
+                self.queue.append(job)
+            elif job.parent in self.result.failed:
+                self.fail(job, f"its original {job.parent} failed", "")
+            else:
+                still.append(job)
+        self.waiting = still
+
+    def succeeded(self, job: Job) -> None:
+        self.done.add(job.model_id)
+        self.result.trained.append(job.model_id)
+        self.bar.update(1)
+        self.release_waiting()
+
+    def raised(self, job: Job, error: BaseException, tb: str) -> None:
+        n = self.attempts[job.model_id] = self.attempts.get(job.model_id, 0) + 1
+        if n <= self.prep.spec.max_retries:
+            log.warning("%s raised (%s); retry %d of %d", job.model_id, _one_line(error), n,
+                        self.prep.spec.max_retries)
+            self.queue.append(job)
+        else:
+            self.fail(job, _one_line(error), tb)
+
+    def worker_died(self, job: Job, error: BaseException) -> None:
+        n = self.deaths[job.model_id] = self.deaths.get(job.model_id, 0) + 1
+        if n <= MAX_WORKER_DEATHS:
+            log.warning("worker running %s died (%s); re-queued", job.model_id, _one_line(error))
+            self.queue.appendleft(job)
+        else:
+            self.fail(job, f"its worker died {n} times: {_one_line(error)}", "")
+
+    def fail(self, job: Job, message: str, tb: str) -> None:
+        self.result.failed[job.model_id] = message
+        self.prep.store.write_failure(job.model_id, {
+            "role": job.role, "error": message, "traceback": tb,
+            "attempts": self.attempts.get(job.model_id, 0), "worker_deaths": self.deaths.get(job.model_id, 0),
+            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        tqdm.write(f"ufarm: {job.model_id} failed: {message}")
+        self.release_waiting()
+
+    def finish(self, started: float) -> RunResult:
+        self.bar.close()
+        self.result.seconds = time.perf_counter() - started
+        return self.result
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
+
+
+def run_local(prep: PreparedRun, progress: bool = True, device: str | None = None) -> RunResult:
+    """The plain in-process loop: no Ray; used on machines without Ray and as the benchmark baseline."""
+    from .engine import Engine
+
+    started = time.perf_counter()
+    sched = _Scheduler(prep, progress)
+    engine = Engine(prep.context(), device=device) if prep.pending else None
+    while sched.queue:
+        job = sched.queue.popleft()
+        try:
+            engine.run(job)
+        except Exception as exc:  # a job's failure must not stop the run
+            sched.raised(job, exc, traceback.format_exc())
+        else:
+            sched.succeeded(job)
+    return sched.finish(started)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at address (or RAY_ADDRESS), or start a local one; reuse a live connection."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    if address is None:
+        kwargs.update(include_dashboard=False)
+    # the workers import this package from the driver's environment
+    ray.init(**kwargs)
+
+
+class FarmWorker:
+    """A long-lived Ray actor: holds the dataset once on its device and trains job after job."""
+
+    def __init__(self, ctx: RunContext, threads: int | None):
+        from .engine import Engine
+
+        self.engine = Engine(ctx, threads=threads)
+
+    def run(self, job: Job) -> dict:
+        return self.engine.run(job)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def worker_count(spec: Spec, n_jobs: int, max_workers: int | None) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [math.floor(total.get("CPU", 0) / spec.resources.cpus + 1e-9)]
+    if spec.resources.gpus > 0:
+        fits.append(math.floor(total.get("GPU", 0) / spec.resources.gpus + 1e-9))
+    n = max(1, min(fits))
+    if max_workers:
+        n = min(n, max_workers)
+    return max(1, min(n, n_jobs))
+
+
+def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | None = None,
+            progress: bool = True) -> RunResult:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    started = time.perf_counter()
+    sched = _Scheduler(prep, progress)
+    if not prep.pending:
+        return sched.finish(started)
+    ensure_ray(address)
+    res = prep.spec.resources
+    threads = max(1, int(res.cpus))
+    Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0)(FarmWorker)
+    ctx_ref = ray.put(prep.context())
+    idle = [Actor.remote(ctx_ref, threads) for _ in range(worker_count(prep.spec, len(prep.pending), max_workers))]
+    inflight: dict = {}
+    try:
+        while sched.queue or inflight:
+            while idle and sched.queue:
+                actor, job = idle.pop(), sched.queue.popleft()
+                inflight[actor.run.remote(job)] = (actor, job)
+            if not inflight:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                actor, job = inflight.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:  # the worker process or its node died: replace it
+                    ray.kill(actor, no_restart=True)
+                    idle.append(Actor.remote(ctx_ref, threads))
+                    sched.worker_died(job, exc)
+                except RayTaskError as exc:
+                    idle.append(actor)
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    sched.raised(job, cause, str(exc))
+                else:
+                    idle.append(actor)
+                    sched.succeeded(job)
+    finally:
+        for actor in idle + [a for a, _ in inflight.values()]:
+            ray.kill(actor, no_restart=True)
+    return sched.finish(started)
+
+
+def run_spec(spec: Spec, store_uri: str, *, executor: str = "ray", address: str | None = None,
+             max_workers: int | None = None, progress: bool = True) -> RunResult:
+    prep = prepare_run(spec, store_uri)
+    if executor == "local":
+        return run_local(prep, progress=progress)
+    return run_ray(prep, address=address, max_workers=max_workers, progress=progress)
+

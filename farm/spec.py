@@ -1,0 +1,321 @@
+"""Run specs: YAML files (or presets shipped in farm/presets) loaded into typed, validated dataclasses.
+
+Every validation error is a SpecError whose one-line message names the field, the value and what is
+allowed, so the CLI can print it as is and exit before anything is written.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "arrays")
+ARCHS = ("small-cnn", "resnet18")
+FORGET_KINDS = ("random", "classes", "groups")
+QUERIES = ("plain", "hflip", "shift")  # shift:DX,DY with integer pixel offsets
+ROLES = ("original", "retrain", "shadow", "unlearned")
+
+
+class SpecError(ValueError):
+    """A spec (or a value in it) that cannot be run; the message is one line and names the field."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str = "digits"
+    path: str | None = None  # folder or file for fashion-mnist / cifar10 / arrays
+    test_fraction: float = 0.2  # only for datasets without an official test split (digits, arrays)
+    val_fraction: float = 0.5  # fraction of the held-out (test) examples that become the val split
+    image_shape: tuple[int, ...] | None = None  # arrays from Parquet: [C, H, W] of the flattened images
+
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    kind: str = "random"
+    fraction: float = 0.1  # kind=random: fraction of the train split
+    classes: tuple[int, ...] = ()  # kind=classes
+    groups: tuple[int, ...] = ()  # kind=groups: group ids (e.g. subject ids) of the arrays dataset
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = "small-cnn"
+    width: int = 16  # channels of the first conv layer of small-cnn
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = False  # random crop (pad 2) and horizontal flip
+    eval_batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class UnlearnSpec:
+    method: str
+    count: int
+    hparams: dict = field(default_factory=dict)
+
+    @property
+    def hparams_hash(self) -> str:
+        blob = json.dumps({"method": self.method, "hparams": self.hparams}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    keep_logits: bool = True  # store the full logits vector next to conf
+    keep_weights: bool = False  # store weights of non-original models too (originals always)
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    cpus: float = 1.0  # per model (per actor)
+    gpus: float = 0.0  # per model; fractions pack several actors on one GPU
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str = "unnamed"
+    seed: int = 0
+    dataset: DatasetSpec = DatasetSpec()
+    forget: ForgetSpec = ForgetSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    counts: dict = field(default_factory=dict)  # role -> count for original, retrain, shadow
+    unlearn: tuple[UnlearnSpec, ...] = ()
+    queries: tuple[str, ...] = ("plain",)
+    outputs: OutputSpec = OutputSpec()
+    resources: ResourceSpec = ResourceSpec()
+    max_retries: int = 2
+
+    def count(self, role: str) -> int:
+        return int(self.counts.get(role, 0))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What a store's models depend on. Counts, methods, resources and retries are left out, so a run
+        can be extended with more models or methods on the same store; anything else is another run."""
+        d = self.to_dict()
+        for key in ("name", "counts", "unlearn", "resources", "max_retries"):
+            d.pop(key)
+        d["dataset"].pop("path")  # the data fingerprint covers where it came from
+        return d
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("farm.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_spec(spec: str | Path | dict) -> Spec:
+    """A spec from a dict, a YAML path, or the name of a preset shipped in farm/presets."""
+    if isinstance(spec, dict):
+        return spec_from_dict(spec)
+    text = str(spec)
+    path = Path(text)
+    if path.is_file():
+        raw = yaml.safe_load(path.read_text())
+    elif text in preset_names():
+        raw = yaml.safe_load(resources.files("farm.presets").joinpath(f"{text}.yaml").read_text())
+    elif text.endswith((".yaml", ".yml")) or "/" in text:
+        raise SpecError(f"spec file {text!r} does not exist")
+    else:
+        raise SpecError(f"unknown preset {text!r}; presets: {', '.join(preset_names())} (or give a YAML path)")
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec {text!r} must be a YAML mapping, got {type(raw).__name__}")
+    return spec_from_dict(raw)
+
+
+def _build(cls, raw: Any, where: str):
+    """Construct a flat dataclass from a mapping, naming unknown keys and converting simple types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SpecError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        default = fields[name].default
+        values[name] = _coerce(value, default, f"{where}.{name}")
+    return cls(**values)
+
+
+def _coerce(value, default, where):
+    if value is None:
+        return None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SpecError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple) or (default is None and isinstance(value, list)):
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def spec_from_dict(raw: dict) -> Spec:
+    raw = copy.deepcopy(raw)
+    allowed = {f.name for f in dataclasses.fields(Spec)}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SpecError(f"spec: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    unlearn_raw = raw.get("unlearn") or []
+    if not isinstance(unlearn_raw, list):
+        raise SpecError(f"unlearn must be a list of {{method, count, hparams}}, got {unlearn_raw!r}")
+    unlearn = []
+    for i, item in enumerate(unlearn_raw):
+        if not isinstance(item, dict) or "method" not in item:
+            raise SpecError(f"unlearn[{i}] must be a mapping with a method, got {item!r}")
+        extra = sorted(set(item) - {"method", "count", "hparams"})
+        if extra:
+            raise SpecError(f"unlearn[{i}]: unknown field(s) {', '.join(extra)}; allowed: method, count, hparams")
+        hp = item.get("hparams") or {}
+        if not isinstance(hp, dict):
+            raise SpecError(f"unlearn[{i}].hparams must be a mapping, got {hp!r}")
+        count = item.get("count", 1)
+        unlearn.append(UnlearnSpec(method=str(item["method"]), count=count, hparams=dict(hp)))
+    counts = raw.get("counts") or {}
+    if not isinstance(counts, dict):
+        raise SpecError(f"counts must be a mapping of role to count, got {counts!r}")
+    seed = raw.get("seed", 0)
+    max_retries = raw.get("max_retries", 2)
+    spec = Spec(
+        name=str(raw.get("name", "unnamed")),
+        seed=_coerce(seed, 0, "seed"),
+        dataset=_build(DatasetSpec, raw.get("dataset"), "dataset"),
+        forget=_build(ForgetSpec, raw.get("forget"), "forget"),
+        model=_build(ModelSpec, raw.get("model"), "model"),
+        training=_build(TrainingSpec, raw.get("training"), "training"),
+        counts=dict(counts),
+        unlearn=tuple(unlearn),
+        queries=tuple(raw.get("queries") or ("plain",)),
+        outputs=_build(OutputSpec, raw.get("outputs"), "outputs"),
+        resources=_build(ResourceSpec, raw.get("resources"), "resources"),
+        max_retries=_coerce(max_retries, 0, "max_retries"),
+    )
+    validate(spec)
+    return spec
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+def _positive_int(value, where):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"{where} must be a positive integer, got {value!r}")
+
+
+def validate(spec: Spec) -> None:
+    """Checks that need no data. Checks against the data (a forget class that does not exist, a group id
+    that no example has) happen in farm.plan once the dataset is loaded."""
+    d = spec.dataset
+    if d.name not in DATASETS:
+        raise SpecError(f"dataset.name {d.name!r} is unknown; allowed: {', '.join(DATASETS)}")
+    if not 0.0 < d.test_fraction < 1.0:
+        raise SpecError(f"dataset.test_fraction must lie in (0, 1), got {d.test_fraction}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise SpecError(f"dataset.val_fraction must lie in [0, 1), got {d.val_fraction}")
+    if d.name in ("cifar10", "arrays") and not d.path:
+        raise SpecError(f"dataset.path is required for dataset {d.name!r}")
+    f = spec.forget
+    if f.kind not in FORGET_KINDS:
+        raise SpecError(f"forget.kind {f.kind!r} is unknown; allowed: {', '.join(FORGET_KINDS)}")
+    if f.kind == "random" and not 0.0 < f.fraction < 1.0:
+        raise SpecError(f"forget.fraction must lie in (0, 1), got {f.fraction}")
+    if f.kind == "classes" and not f.classes:
+        raise SpecError("forget.classes must list at least one class when forget.kind is 'classes'")
+    if f.kind == "groups" and not f.groups:
+        raise SpecError("forget.groups must list at least one group id when forget.kind is 'groups'")
+    for c in f.classes:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise SpecError(f"forget.classes holds {c!r}; classes are non-negative integers")
+    if spec.model.arch not in ARCHS:
+        raise SpecError(f"model.arch {spec.model.arch!r} is unknown; allowed: {', '.join(ARCHS)}")
+    _positive_int(spec.model.width, "model.width")
+    t = spec.training
+    _positive_int(t.epochs, "training.epochs")
+    _positive_int(t.batch_size, "training.batch_size")
+    _positive_int(t.eval_batch_size, "training.eval_batch_size")
+    if not t.lr > 0:
+        raise SpecError(f"training.lr must be positive, got {t.lr}")
+    if not 0 <= t.momentum < 1:
+        raise SpecError(f"training.momentum must lie in [0, 1), got {t.momentum}")
+    if t.weight_decay < 0:
+        raise SpecError(f"training.weight_decay must be >= 0, got {t.weight_decay}")
+    for role, n in spec.counts.items():
+        if role not in ROLES[:3]:
+            raise SpecError(f"counts.{role} is not a role; allowed: original, retrain, shadow "
+                            "(unlearned models are counted per method under unlearn)")
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise SpecError(f"counts.{role} must be a positive integer (leave the role out to train none), got {n!r}")
+    if spec.count("shadow") % 2:
+        raise SpecError(f"counts.shadow must be even (shadows come in complementary pairs so every train "
+                        f"example is IN for exactly half of them), got {spec.count('shadow')}")
+    seen = set()
+    for i, u in enumerate(spec.unlearn):
+        if isinstance(u.count, bool) or not isinstance(u.count, int) or u.count <= 0:
+            raise SpecError(f"unlearn[{i}].count must be a positive integer, got {u.count!r}")
+        key = (u.method, u.hparams_hash)
+        if key in seen:
+            raise SpecError(f"unlearn[{i}] repeats method {u.method!r} with the same hparams")
+        seen.add(key)
+    if spec.unlearn and spec.count("original") == 0:
+        raise SpecError("unlearn needs originals to start from: set counts.original to at least 1")
+    if not spec.counts and not spec.unlearn:
+        raise SpecError("the spec plans no models: set counts (original, retrain, shadow) or unlearn")
+    if not spec.queries or spec.queries[0] != "plain":
+        raise SpecError(f"queries must start with 'plain' (query 0 is the plain input), got {list(spec.queries)}")
+    for q in spec.queries:
+        parse_query(q)
+    r = spec.resources
+    if r.cpus <= 0:
+        raise SpecError(f"resources.cpus must be positive, got {r.cpus}")
+    if r.gpus < 0 or (r.gpus > 1 and r.gpus != int(r.gpus)):
+        raise SpecError(f"resources.gpus must be a fraction in [0, 1] or a whole number, got {r.gpus}")
+    if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
+        raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or spec.seed < 0:
+        raise SpecError(f"seed must be a non-negative integer, got {spec.seed!r}")
+
+
+def parse_query(q: str) -> tuple[str, int, int]:
+    """'plain' -> ('plain', 0, 0); 'hflip' -> ('hflip', 0, 0); 'shift:DX,DY' -> ('shift', DX, DY)."""
+    if q in ("plain", "hflip"):
+        return q, 0, 0
+    if isinstance(q, str) and q.startswith("shift:"):
+        try:
+            dx, dy = (int(v) for v in q[len("shift:"):].split(","))
+        except ValueError:
+            raise SpecError(f"query {q!r} must look like shift:DX,DY with integers") from None
+        return "shift", dx, dy
+    raise SpecError(f"query {q!r} is unknown; allowed: plain, hflip, shift:DX,DY")

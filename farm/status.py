@@ -1,0 +1,38 @@
+"""`ufarm status`: what a store holds against what its spec plans, from the store alone (no dataset)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .plan import make_plan
+from .spec import spec_from_dict
+from .store import RunStore, StoreError
+
+
+def summarize(store: RunStore) -> dict:
+    """Counts per role of planned, done, missing and failed models, from the store alone (no dataset)."""
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise StoreError(f"{store.uri} is not a run store (no manifest.json)")
+    spec = spec_from_dict(manifest["spec"])
+    ex = store.read_examples()
+    split = np.asarray(ex.column("split").to_numpy(zero_copy_only=False)).astype(str)
+    labels = ex.column("label").to_numpy().astype(np.int64)
+    groups_col = ex.column("group")
+    groups = None if groups_col.null_count == len(groups_col) else groups_col.to_numpy(zero_copy_only=False)
+    plan = make_plan(spec, split, labels, groups)
+    markers = store.intact_models()
+    failures = store.failures()
+    roles: dict[str, dict] = {}
+    for job in plan.jobs:
+        row = roles.setdefault(job.role, {"planned": 0, "done": 0, "missing": 0, "failed": 0})
+        row["planned"] += 1
+        if job.model_id in markers:
+            row["done"] += 1
+        else:
+            row["missing"] += 1
+            row["failed"] += job.model_id in failures
+    extra = sorted(set(markers) - {j.model_id for j in plan.jobs})
+    return {"store": store.uri, "spec": spec.name, "manifest": manifest, "roles": roles,
+            "failed": {m: f["error"] for m, f in failures.items() if m not in markers},
+            "other_models": extra}
+

@@ -1,0 +1,105 @@
+"""Training and prediction in plain PyTorch: no Ray here, so the same code runs in a Ray actor, in a plain
+loop, or on a machine without Ray (the GPU benchmark machine).
+
+Determinism: every random draw (initialisation, data order, augmentation) comes from generators seeded
+by the job's seed, and deterministic algorithms are requested, so on CPU the same seed with the same
+thread count gives the same weights and logits, bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .spec import TrainingSpec, parse_query
+
+
+def set_determinism(seed: int) -> torch.Generator:
+    """Seed torch's global RNG (model init, dropout) and return a generator for data order."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    gen = torch.Generator()
+    gen.manual_seed(seed + 1)
+    return gen
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 2 pixels (zero padding) and a random horizontal flip, per image."""
+    n, _, h, w = x.shape
+    pad = 2
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)  # [n, h]
+    cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)  # [n, w]
+    idx_n = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def train_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, train_idx: np.ndarray,
+                cfg: TrainingSpec, gen: torch.Generator) -> None:
+    """SGD with momentum and a cosine learning-rate schedule over cfg.epochs on images[train_idx]."""
+    device = images.device
+    idx = torch.as_tensor(train_idx, dtype=torch.long)
+    steps_per_epoch = math.ceil(len(idx) / cfg.batch_size)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    for _ in range(cfg.epochs):
+        order = idx[torch.randperm(len(idx), generator=gen)]
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start:start + cfg.batch_size].to(device)
+            x, y = images[batch], labels[batch]
+            if cfg.augment:
+                x = augment_batch(x, gen)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+def apply_query(x: torch.Tensor, query: str) -> torch.Tensor:
+    """The input as a query sees it: plain, horizontally flipped, or shifted by (dx, dy) with zero fill."""
+    kind, dx, dy = parse_query(query)
+    if kind == "plain":
+        return x
+    if kind == "hflip":
+        return x.flip(-1)
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    src_y, dst_y = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
+    src_x, dst_x = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
+    out[..., dst_y, dst_x] = x[..., src_y, src_x]
+    return out
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, queries: tuple[str, ...],
+                   batch_size: int) -> np.ndarray:
+    """float32 [N, Q, C]: the model's logits for every example under every query."""
+    model.eval()
+    outs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        outs.append(torch.stack([model(apply_query(x, q)) for q in queries], dim=1).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def make_loader(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, batch_size: int,
+                shuffle: bool, seed: int) -> DataLoader:
+    """A DataLoader over a subset, as the competition's unlearn() signature expects; seeded order."""
+    sel = torch.as_tensor(idx, dtype=torch.long)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(TensorDataset(images[sel.to(images.device)], labels[sel.to(labels.device)]),
+                      batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float | None:
+    return float((pred[mask] == labels[mask]).mean()) if mask.any() else None

@@ -1,0 +1,187 @@
+"""Straightforward per-example loops used as independent references by the evaluation tests.
+
+They follow the written definitions literally (one example at a time, every rule materialized,
+rates as means of boolean predictions) and share no code with evaluation/ except the grid builders
+whose bit-exactness is tested separately.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def torch_like_linspace_f32(lo, hi, n):
+    """float32 torch.linspace(lo, hi, n) computed one point at a time with math.fma-free float64 ops."""
+    if n <= 0:
+        return np.empty(0)
+    s = np.float32(lo)
+    if n == 1:
+        return np.array([float(s)])
+    e = np.float32(hi)
+    step = np.float32((e - s) / np.float32(n - 1))
+    out = []
+    for i in range(n):
+        if i < n // 2:
+            v = float(s) + float(step) * i
+        else:
+            v = float(e) - float(step) * (n - 1 - i)
+        out.append(float(np.float32(v)))
+    return np.array(out)
+
+
+def epsilons_loop(unlearned, retrained, delta=1e-5, single_grid=None):
+    """Per-example eps of the challenge metric, one example and one rule family at a time."""
+    unlearned = np.asarray(unlearned, dtype=np.float64)
+    retrained = np.asarray(retrained, dtype=np.float64)
+    out = []
+    for e in range(unlearned.shape[1]):
+        u = unlearned[:, e]
+        r = retrained[:, e]
+        if np.median(r) > np.median(u):
+            pos, neg = r, u
+        else:
+            pos, neg = u, r
+        pd = pos.max() - pos.min()
+        nd = neg.max() - neg.min()
+        largest = pd if pd > nd else nd
+        smallest = nd if pd > nd else pd
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if smallest / largest < 0.01:
+                out.append(50.0)
+                continue
+        # double threshold
+        dpos, dneg = (neg, pos) if pd >= nd else (pos, neg)
+        width = smallest
+        min_ = dpos.min() + width - 2.0
+        max_ = dpos.max() + 2.0
+        n_right = int(np.ceil((max_ - min_) * 100))
+        rights = np.linspace(min_, max_, num=n_right)
+        lefts = np.concatenate([np.linspace(tr - width - 2.0, tr - width + 2.0, num=400) for tr in rights])
+        rr = np.repeat(rights, 400)
+        pp_pos = (lefts[None, :] <= dpos[:, None]) & (dpos[:, None] <= rr[None, :])
+        pp_neg = (lefts[None, :] <= dneg[:, None]) & (dneg[:, None] <= rr[None, :])
+        tpr_d, fnr_d = pp_pos.mean(0), (~pp_pos).mean(0)
+        fpr_d, tnr_d = pp_neg.mean(0), (~pp_neg).mean(0)
+        # single threshold
+        allc = np.concatenate([pos, neg])
+        n_s = int(np.ceil((allc.max() - allc.min()) * 100))
+        if single_grid is None:
+            ts = torch_like_linspace_f32(allc.min(), allc.max(), n_s)
+        else:
+            ts = single_grid(allc.min(), allc.max(), n_s)
+        tpr_s = (pos[:, None] >= ts[None, :]).mean(0)
+        fpr_s = (neg[:, None] >= ts[None, :]).mean(0)
+        tnr_s = (neg[:, None] < ts[None, :]).mean(0)
+        fnr_s = (pos[:, None] < ts[None, :]).mean(0)
+        tpr = np.concatenate([tpr_d, tpr_s])
+        fnr = np.concatenate([fnr_d, fnr_s])
+        fpr = np.concatenate([fpr_d, fpr_s])
+        tnr = np.concatenate([tnr_d, tnr_s])
+        thr = np.zeros(len(tpr))
+        thr = np.where((fpr + fnr == 0) & (tpr + tnr == 2), np.inf, thr)
+        thr = np.where((thr == 0) & (fpr * fnr == 0), np.nan, thr)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            e1 = np.log(1 - delta - fpr) - np.log(fnr)
+            e2 = np.log(1 - delta - fnr) - np.log(fpr)
+        both_nan = np.isnan(e1) & np.isnan(e2)
+        val = np.where(both_nan, np.nan, np.fmax(e1, e2))
+        val = np.where(np.isnan(val), np.nan, np.maximum(val, 0))
+        thr = np.where(thr == 0, val, thr)
+        kept = thr[~np.isnan(thr)]
+        out.append(float(kept.max()) if kept.size else 0.0)
+    return np.clip(np.array(out), 0, 50)
+
+
+def forgetting_quality_loop(eps, n_models):
+    max_epsilon = np.ceil(np.log(n_models - 1))
+    start, size, points = 0.0, 0.5, 1.0
+    buckets = {}
+    while start + size <= max_epsilon:
+        buckets[start] = points
+        points /= 2
+        start += size
+    score = 0.0
+    for e in eps:
+        for s, p in buckets.items():
+            if e < s + size:
+                score += p
+                break
+    return score / len(eps)
+
+
+def lira_fit_loop(shadow, shadow_in):
+    """Per example and query: median / std of the IN and OUT shadows (LiRA reference fit)."""
+    m, n_ex, q = shadow.shape
+    mu_in = np.empty((n_ex, q)); mu_out = np.empty((n_ex, q))
+    sd_in = np.empty((n_ex, q)); sd_out = np.empty((n_ex, q))
+    for e in range(n_ex):
+        xin = shadow[shadow_in[:, e], e, :]
+        xout = shadow[~shadow_in[:, e], e, :]
+        mu_in[e] = np.median(xin, 0) if len(xin) else np.nan
+        mu_out[e] = np.median(xout, 0) if len(xout) else np.nan
+        sd_in[e] = np.std(xin, 0) if len(xin) else np.nan
+        sd_out[e] = np.std(xout, 0) if len(xout) else np.nan
+    return mu_in, sd_in, mu_out, sd_out
+
+
+def lira_loop(target, shadow, shadow_in, mode):
+    target = np.asarray(target, dtype=np.float64)
+    shadow = np.asarray(shadow, dtype=np.float64)
+    if target.ndim == 1:
+        target = target[:, None]
+        shadow = shadow[:, :, None]
+    if mode == "global":
+        return target.mean(1)
+    mu_in, sd_in, mu_out, sd_out = lira_fit_loop(shadow, shadow_in)
+    out = []
+    for e in range(target.shape[0]):
+        if mode == "online":
+            s = stats.norm.logpdf(target[e], mu_in[e], sd_in[e] + 1e-30) - stats.norm.logpdf(
+                target[e], mu_out[e], sd_out[e] + 1e-30)
+        else:
+            s = stats.norm.logcdf(target[e], mu_out[e], sd_out[e] + 1e-30)
+        out.append(np.mean(s))
+    return np.array(out)
+
+
+def roc_loop(scores, is_member):
+    """ROC points by brute force over every distinct threshold (predict member when score >= t)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    is_member = np.asarray(is_member, dtype=bool)
+    pts = [(0.0, 0.0)]
+    for t in sorted(set(scores.tolist()), reverse=True):
+        pred = scores >= t
+        tpr = (pred & is_member).sum() / is_member.sum()
+        fpr = (pred & ~is_member).sum() / (~is_member).sum()
+        pts.append((fpr, tpr))
+    return np.array(pts)
+
+
+def auc_pairs(scores, is_member):
+    s1 = scores[is_member]
+    s0 = scores[~is_member]
+    gt = (s1[:, None] > s0[None, :]).sum()
+    eq = (s1[:, None] == s0[None, :]).sum()
+    return (gt + 0.5 * eq) / (len(s1) * len(s0))
+
+
+def rmia_loop(target_x, ref_x, ref_in, target_z, ref_z, a, gamma):
+    """RMIA offline score per example with an explicit double loop over x and z."""
+    n_ex = len(target_x)
+    px_t = 1 / (1 + np.exp(-target_x))
+    pz_t = 1 / (1 + np.exp(-target_z))
+    pref_x = 1 / (1 + np.exp(-ref_x))
+    pref_z = 1 / (1 + np.exp(-ref_z))
+    out = []
+    ratios_z = []
+    for k in range(len(target_z)):
+        pz = 0.5 * ((1 + a) * pref_z[:, k].mean() + (1 - a))
+        ratios_z.append(pz_t[k] / pz)
+    for e in range(n_ex):
+        outs = pref_x[~ref_in[:, e], e]
+        px = 0.5 * ((1 + a) * outs.mean() + (1 - a))
+        rx = px_t[e] / px
+        out.append(np.mean([rx / rz > gamma for rz in ratios_z]))
+    return np.array(out)
