@@ -117,8 +117,8 @@ def double_thresholds(pos_min: float, pos_max: float, width: float):
     """The released double-threshold grid for a positive group [pos_min, pos_max] and width w.
 
     min_ = (pos_min + w) - 2, max_ = pos_max + 2, R = np.linspace(min_, max_, ceil((max_ - min_) * 100));
-    left[k, :] = np.linspace((R[k] - w) - 2, (R[k] - w) + 2, 400).  Returns (R[K], left[K, 400]),
-    bit-identical to building each row with a scalar np.linspace call.
+    left[:, k] = np.linspace((R[k] - w) - 2, (R[k] - w) + 2, 400).  Returns (R[K], left[400, K]),
+    bit-identical to building each column with a scalar np.linspace call.
     """
     pos_min = np.float64(pos_min)
     width = np.float64(width)
@@ -127,7 +127,7 @@ def double_thresholds(pos_min: float, pos_max: float, width: float):
     n_right = int(np.ceil((max_ - min_) * THRESHOLDS_PER_UNIT))
     right = np.linspace(min_, max_, num=n_right)
     centre = right - width
-    left = np.linspace(centre - BUFFER, centre + BUFFER, num=NUM_LEFT_THRESHOLDS, axis=1)
+    left = np.linspace(centre - BUFFER, centre + BUFFER, num=NUM_LEFT_THRESHOLDS)  # [400, K]
     return right, left
 
 
@@ -169,6 +169,42 @@ def epsilon_table(n_pos: int, n_neg: int, delta: float = DELTA) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- core
+
+_BINS_PER_POINT = 16
+
+
+def _take_count_below(sorted_vals, queries, values):
+    """values[#(sorted_vals < q)] for every q in ``queries`` (any shape; its first element in C order
+    must be the smallest query and its last the largest), exactly.
+
+    Equivalent to values[np.searchsorted(sorted_vals, queries, "left")], but faster for many queries:
+    both data and queries go through the same monotone map b(x) = floor((x - lo) * scale) onto a
+    uniform grid of bins.  Monotonicity gives: b(z) < b(q) implies z < q and b(z) > b(q) implies
+    z > q, so for a query whose bin holds no data point the count is the number of points in lower
+    bins; only queries that share a bin with a data point fall back to a binary search.
+    """
+    q = queries.reshape(-1)
+    lo = q[0]
+    span = q[-1] - lo
+    n_bins = _BINS_PER_POINT * sorted_vals.size + 1
+    if not span > 0 or q.size < 4 * n_bins:
+        return values[np.searchsorted(sorted_vals, q, side="left")].reshape(queries.shape)
+    scale = (n_bins - 1) / span
+    bz = np.floor((sorted_vals - lo) * scale)
+    np.clip(bz, -1, n_bins, out=bz)
+    bz = bz.astype(np.intp) + 1  # bins of the data in [0, n_bins + 1]
+    hist = np.bincount(bz, minlength=n_bins + 2)
+    below = np.zeros(n_bins + 2, dtype=np.intp)
+    np.cumsum(hist[:-1], out=below[1:])  # below[b] = #(data in bins < b)
+    bq = ((q - lo) * scale).astype(np.intp)  # q >= lo, so truncation is floor
+    np.clip(bq, 0, n_bins - 1, out=bq)  # rounding guard, keeps monotonicity
+    bq += 1
+    out = values[below][bq]
+    shared = np.flatnonzero(hist[bq])
+    if shared.size:
+        out[shared] = values[np.searchsorted(sorted_vals, q[shared], side="left")]
+    return out.reshape(queries.shape)
+
 def _example_eps(sorted_vals, cum_r, n_u, n_r, retrain_pos, pos_range, neg_range, exhaustive, delta):
     """eps of one example from its merged sorted confidences (see module docstring)."""
     n_all = n_u + n_r
@@ -212,17 +248,15 @@ def _example_eps(sorted_vals, cum_r, n_u, n_r, retrain_pos, pos_range, neg_range
         ir = np.searchsorted(sorted_vals, u_vals, side="right")
         flat = a[ir][None, :] - a[il][:, None]  # interval [u_vals[i], u_vals[j]]
     else:
-        dvals = sorted_vals  # the positive group's extremes
-        pmask = None
         if retrain_dpos:
             pmask = np.diff(cum_r).astype(bool)
         else:
             pmask = ~np.diff(cum_r).astype(bool)
-        pv = dvals[pmask]
+        pv = sorted_vals[pmask]
         right, left = double_thresholds(pv[0], pv[-1], width)
         ir = np.searchsorted(sorted_vals, right, side="right")
-        il = np.searchsorted(sorted_vals, left.ravel(), side="left").reshape(left.shape)
-        flat = a[ir][:, None] - a[il]
+        a_il = _take_count_below(sorted_vals, left, a)
+        flat = a[ir][None, :] - a_il
     np.maximum(flat, 0, out=flat)  # an empty interval (l > r) is the discarded (0, 0) rule
     best = max(best, table_d[flat].max())
     return best

@@ -10,9 +10,11 @@ Scheduling rules (the same for both executors):
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import time
 import traceback
 from collections import deque
@@ -30,6 +32,7 @@ from .spec import Spec
 from .store import FORMAT_VERSION, RunStore, examples_table
 
 MAX_WORKER_DEATHS = 3
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its remote tracebacks
 log = logging.getLogger("ufarm")
 
 
@@ -62,7 +65,8 @@ class PreparedRun:
 
 
 def build_manifest(spec: Spec, dataset: Dataset) -> dict:
-    return {
+    """The manifest in its JSON form (tuples as lists), so it compares equal to one read back from a store."""
+    return json.loads(json.dumps({
         "format_version": FORMAT_VERSION,
         "spec": spec.to_dict(),
         "identity": spec.identity_hash(),
@@ -72,7 +76,7 @@ def build_manifest(spec: Spec, dataset: Dataset) -> dict:
         "n_examples": int(len(dataset.labels)),
         "n_classes": int(dataset.n_classes),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    }))
 
 
 def prepare_run(spec: Spec, store_uri: str) -> PreparedRun:
@@ -167,7 +171,9 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
 
     started = time.perf_counter()
     sched = _Scheduler(prep, progress)
-    engine = Engine(prep.context(), device=device) if prep.pending else None
+    # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
+    threads = max(1, int(prep.spec.resources.cpus))
+    engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
     while sched.queue:
         job = sched.queue.popleft()
         try:
@@ -193,6 +199,16 @@ def ensure_ray(address: str | None = None) -> None:
         kwargs.update(include_dashboard=False)
     # the workers import this package from the driver's environment
     ray.init(**kwargs)
+
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "UFARM_S3_CONNECT_TIMEOUT", "UFARM_S3_REQUEST_TIMEOUT", "UFARM_S3_ATTEMPTS")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's S3 settings, so workers write to the same store the driver checked."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 class FarmWorker:
@@ -235,7 +251,8 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
     ensure_ray(address)
     res = prep.spec.resources
     threads = max(1, int(res.cpus))
-    Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0)(FarmWorker)
+    Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0,
+                       runtime_env={"env_vars": forwarded_env()})(FarmWorker)
     ctx_ref = ray.put(prep.context())
     idle = [Actor.remote(ctx_ref, threads) for _ in range(worker_count(prep.spec, len(prep.pending), max_workers))]
     inflight: dict = {}
@@ -258,7 +275,7 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
                 except RayTaskError as exc:
                     idle.append(actor)
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    sched.raised(job, cause, str(exc))
+                    sched.raised(job, cause, _ANSI.sub("", str(exc)))
                 else:
                     idle.append(actor)
                     sched.succeeded(job)

@@ -276,15 +276,14 @@ class RunStore:
 def check_compatible(old: dict, new: dict, uri: str) -> None:
     if old.get("format_version") != FORMAT_VERSION:
         raise StoreError(f"store {uri} has format_version {old.get('format_version')}; this ufarm reads {FORMAT_VERSION}")
-    if old["dataset"]["fingerprint"] != new["dataset"]["fingerprint"]:
-        raise StoreError(f"store {uri} holds a run on other data ({old['dataset']['name']}, fingerprint "
-                         f"{old['dataset']['fingerprint'][:12]}), not {new['dataset']['name']} "
-                         f"{new['dataset']['fingerprint'][:12]}; use another store")
     if old["identity"] != new["identity"]:
         changed = sorted(k for k in new["identity_fields"] if old["identity_fields"].get(k) != new["identity_fields"][k])
         raise StoreError(f"store {uri} holds another spec ({old['spec'].get('name')!r}); fields that differ: "
                          f"{', '.join(changed) or 'unknown'}; use another store")
-
+    if old["dataset"]["fingerprint"] != new["dataset"]["fingerprint"]:
+        raise StoreError(f"store {uri} holds a run on other data ({old['dataset']['name']}, fingerprint "
+                         f"{old['dataset']['fingerprint'][:12]}), not {new['dataset']['name']} "
+                         f"{new['dataset']['fingerprint'][:12]}; use another store")
 
 def logits_table(labels: np.ndarray, logits: np.ndarray, trained_on: np.ndarray, forgotten: np.ndarray,
                  keep_logits: bool) -> pa.Table:

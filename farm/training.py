@@ -44,7 +44,7 @@ def train_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
                 cfg: TrainingSpec, gen: torch.Generator) -> None:
     """SGD with momentum and a cosine learning-rate schedule over cfg.epochs on images[train_idx]."""
     device = images.device
-    idx = torch.as_tensor(train_idx, dtype=torch.long)
+    idx = torch.tensor(train_idx, dtype=torch.long)  # a copy: Ray hands out read-only arrays
     steps_per_epoch = math.ceil(len(idx) / cfg.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
@@ -94,7 +94,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, queries: tuple[
 def make_loader(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, batch_size: int,
                 shuffle: bool, seed: int) -> DataLoader:
     """A DataLoader over a subset, as the competition's unlearn() signature expects; seeded order."""
-    sel = torch.as_tensor(idx, dtype=torch.long)
+    sel = torch.tensor(idx, dtype=torch.long)
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(TensorDataset(images[sel.to(images.device)], labels[sel.to(labels.device)]),

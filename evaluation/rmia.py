@@ -1,0 +1,119 @@
+"""RMIA membership inference (Zarifzadeh et al. 2024, "Low-Cost High-Power Membership Inference
+Attacks"), offline variant with reference models' OUT scores.
+
+Inputs are logit-scaled confidences c (evaluation.scores); the attack works with the probability of
+the true label p = sigmoid(c) = 1 / (1 + exp(-c)), averaged over queries when there are several.
+
+For the target model theta and a reference set of models:
+
+    Pr(x)       = ((1 + a) * mean_{OUT refs of x} p(x | ref) + (1 - a)) / 2      (offline, with a in [0, 1])
+                = mean_{all refs} p(x | ref)                                     (online)
+    ratio(x)    = p(x | theta) / Pr(x)
+    LR(x, z)    = ratio(x) / ratio(z)            for population samples z (e.g. the test split, never
+                                                 trained on, so every reference is OUT for them)
+    score(x)    = mean_z 1[LR(x, z) > gamma]     (higher = more likely a member)
+
+The offline `a` approximates the IN probability from the OUT one, Pr_in(x) ~ a Pr_out(x) + 1 - a,
+so Pr(x) = (Pr_in(x) + Pr_out(x)) / 2.  Pr(z) uses the same formula as Pr(x).  Computed by sorting the
+population ratios once and counting with searchsorted: O((E + Z) log Z) per target.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import expit
+
+__all__ = ["rmia_scores", "rmia_leave_one_out"]
+
+
+def _prob(c, name):
+    a = np.asarray(c, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} has {int((~np.isfinite(a)).sum())} NaN or infinite values")
+    return expit(a)
+
+
+def _mean_q(p, plain_ndim):
+    return p.mean(axis=-1) if p.ndim == plain_ndim + 1 else p
+
+
+def _count_greater(ratio_x, ratio_z, gamma):
+    """mean_z 1[ratio_x / ratio_z > gamma] for every x, via sorted ratio_z (ratios are > 0)."""
+    rz = np.sort(ratio_z)
+    # ratio_x / rz > gamma  <=>  rz < ratio_x / gamma  (up to rounding at exact ties)
+    return np.searchsorted(rz, ratio_x / gamma, side="left") / rz.size
+
+
+def rmia_scores(target_x, ref_x, ref_x_in, target_z, ref_z, *, a: float = 0.3, gamma: float = 1.0,
+                mode: str = "offline") -> np.ndarray:
+    """RMIA scores of one target model -> float64[E] in [0, 1], higher = more likely a member.
+
+    target_x[E] or [E, Q]: target confidences on the audited examples; ref_x[M, E] or [M, E, Q] and
+    ref_x_in bool[M, E]: reference models' confidences and membership; target_z[Z] or [Z, Q],
+    ref_z[M, Z] or [M, Z, Q]: population samples (not trained on by any model).
+    offline: Pr(x) = ((1+a) mean_OUT p + 1 - a) / 2 (needs >= 1 OUT reference per example);
+    online : Pr(x) = mean over all references.  score = mean_z 1[(p_t(x)/Pr(x)) / (p_t(z)/Pr(z)) > gamma].
+    """
+    if mode not in ("offline", "online"):
+        raise ValueError(f"mode must be 'offline' or 'online', got {mode!r}")
+    if not (0.0 <= a <= 1.0):
+        raise ValueError(f"a must lie in [0, 1], got {a}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    px = _mean_q(_prob(target_x, "target_x"), 1)
+    pr = _mean_q(_prob(ref_x, "ref_x"), 2)
+    pz = _mean_q(_prob(target_z, "target_z"), 1)
+    prz = _mean_q(_prob(ref_z, "ref_z"), 2)
+    mask = np.asarray(ref_x_in)
+    if px.ndim != 1 or pr.ndim != 2 or pr.shape[1] != px.shape[0]:
+        raise ValueError(f"expected target_x[E(,Q)] and ref_x[M,E(,Q)], got {np.shape(target_x)} and {np.shape(ref_x)}")
+    if mask.dtype != bool or mask.shape != pr.shape:
+        raise ValueError(f"ref_x_in must be boolean with shape {pr.shape}, got {mask.dtype} {mask.shape}")
+    if pz.ndim != 1 or prz.ndim != 2 or prz.shape != (pr.shape[0], pz.shape[0]) or pz.size == 0:
+        raise ValueError(f"expected target_z[Z(,Q)] and ref_z[M,Z(,Q)] with the same M as ref_x, "
+                         f"got {np.shape(target_z)} and {np.shape(ref_z)}")
+    if pr.shape[0] < 1:
+        raise ValueError("RMIA needs at least 1 reference model")
+    if mode == "offline":
+        n_out = (~mask).sum(0)
+        if (n_out < 1).any():
+            e = int(np.argmax(n_out < 1))
+            raise ValueError(f"RMIA offline needs at least 1 OUT reference model for every example; example {e} has 0")
+        pr_x = ((1 + a) * np.where(mask, 0.0, pr).sum(0) / n_out + (1 - a)) / 2
+        pr_z = ((1 + a) * prz.mean(0) + (1 - a)) / 2
+    else:
+        pr_x = pr.mean(0)
+        pr_z = prz.mean(0)
+    return _count_greater(px / pr_x, pz / pr_z, gamma)
+
+
+def rmia_leave_one_out(conf, shadow_in, pop_conf, *, a: float = 0.3, gamma: float = 1.0) -> np.ndarray:
+    """Offline RMIA with every shadow in turn as the target and the others as references -> [M, E].
+
+    conf[M, E(, Q)], shadow_in bool[M, E], pop_conf[M, Z(, Q)] (population samples, e.g. the test split).
+    For target t: Pr(x) = ((1+a) mean_{OUT s != t} p_s(x) + 1 - a) / 2 from running sums (no refit),
+    Pr(z) likewise over all s != t, then score as in rmia_scores.  Needs >= 2 OUT shadows per example.
+    """
+    p = _mean_q(_prob(conf, "conf"), 2)
+    pz = _mean_q(_prob(pop_conf, "pop_conf"), 2)
+    mask = np.asarray(shadow_in)
+    if p.ndim != 2 or mask.dtype != bool or mask.shape != p.shape:
+        raise ValueError(f"expected conf[M,E(,Q)] and boolean shadow_in[M,E], got {np.shape(conf)} and {mask.shape}")
+    if pz.ndim != 2 or pz.shape[0] != p.shape[0] or pz.shape[1] < 1:
+        raise ValueError(f"pop_conf must have shape [M, Z(, Q)] with M = {p.shape[0]}, got {np.shape(pop_conf)}")
+    if not (0.0 <= a <= 1.0):
+        raise ValueError(f"a must lie in [0, 1], got {a}")
+    m = p.shape[0]
+    n_out = (~mask).sum(0)
+    if (n_out < 2).any():
+        e = int(np.argmax(n_out < 2))
+        raise ValueError(f"leave-one-out RMIA needs at least 2 OUT shadows for every example; example {e} has {int(n_out[e])}")
+    sum_out = np.where(mask, 0.0, p).sum(0)
+    sum_z = pz.sum(0)
+    out = np.empty(p.shape, dtype=np.float64)
+    for t in range(m):
+        is_out = ~mask[t]
+        mean_out = (sum_out - np.where(is_out, p[t], 0.0)) / (n_out - is_out)
+        pr_x = ((1 + a) * mean_out + (1 - a)) / 2
+        pr_z = ((1 + a) * (sum_z - pz[t]) / (m - 1) + (1 - a)) / 2
+        out[t] = _count_greater(p[t] / pr_x, pz[t] / pr_z, gamma)
+    return out

@@ -1,0 +1,79 @@
+"""Shared fixtures: one local Ray cluster per test session, one moto S3 server on loopback, tiny specs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the smallest spec that still exercises every role: digits, 2 epochs, 7 models
+TINY_SPEC = {
+    "name": "tiny",
+    "seed": 3,
+    "dataset": {"name": "digits", "test_fraction": 0.2, "val_fraction": 0.5},
+    "forget": {"kind": "random", "fraction": 0.1},
+    "model": {"arch": "small-cnn", "width": 4},
+    "training": {"epochs": 2, "batch_size": 128, "lr": 0.05},
+    "counts": {"original": 1, "retrain": 2, "shadow": 2},
+    "unlearn": [{"method": "finetune", "count": 2, "hparams": {"lr": 0.01, "epochs": 1}}],
+    "queries": ["plain", "shift:1,0"],
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 with a free port; the standard AWS variables point at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    import boto3
+
+    name = "b-" + request.node.name.lower().replace("_", "-")[:50]
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One 2-CPU local Ray cluster for the whole session; CLI subprocesses join it through RAY_ADDRESS."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_spec_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_SPEC))
+    return path
+
+
+def ufarm(*args, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
+    """Run the ufarm CLI in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "farm.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))
