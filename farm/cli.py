@@ -37,7 +37,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=DEFAULT_DEMO_STORE, help=f"run store URI (default: {DEFAULT_DEMO_STORE})")
     _add_run_options(p)
     sub.add_parser("presets", help="list the specs shipped with the package")
+    p = sub.add_parser("evaluate", help="LiRA/RMIA, the competition's forgetting score, tests and a report")
+    p.add_argument("store", help="run store URI")
+    p.add_argument("--method", help="only this unlearning method (its name or <method>-<hparams hash>)")
+    p.add_argument("--out", help="report folder or URI (default: <run>/report/)")
+    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples for the F intervals")
+    p.add_argument("--max-examples", type=int, default=None, help="at most this many forget examples per statistic")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
+
+
+def cmd_evaluate(args) -> int:
+    from evaluation.report import evaluate_store, summary_lines
+
+    kw = {k: v for k, v in (("n_boot", args.n_boot), ("max_examples", args.max_examples)) if v is not None}
+    rep = evaluate_store(args.store, out=args.out, method=args.method, progress=not args.no_progress, **kw)
+    print("\n".join(summary_lines(rep)))
+    return 0
 
 
 def cmd_run(spec_arg: str, args) -> int:
@@ -113,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         if args.command == "presets":
             from .spec import preset_names
 

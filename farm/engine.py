@@ -19,11 +19,16 @@ from .models import build_model
 from .plan import Job
 from .spec import Spec
 from .store import RunStore, logits_table
-from .training import accuracy, make_loader, predict_logits, set_determinism, train_model
+from .training import (accuracy, make_loader, predict_logits, set_determinism, train_model,
+                       use_deterministic_kernels)
 
 
 class MethodOutputError(RuntimeError):
     """An unlearning method returned something that is not a usable model of the original's shape."""
+
+
+class MethodError(RuntimeError):
+    """An unlearning method raised; the message names the model and the method, the cause is chained."""
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Engine:
         self.ctx = ctx
         self.spec = ctx.spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        use_deterministic_kernels(self.device)
         self.images = torch.tensor(ctx.images, device=self.device)  # a copy: object-store arrays are read-only
         self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
         self.store = RunStore(ctx.store_uri)
@@ -93,6 +99,8 @@ class Engine:
             "train_seconds": round(train_seconds, 4), "seconds": round(time.perf_counter() - start, 4),
             "accuracy": acc, "device": device_name(self.device),
         }
+        if job.role == "unlearned":
+            marker.update(self._timing(train_seconds))
         return self.store.write_model(job.model_id, table, marker, weights)
 
     def _unlearn(self, model: torch.nn.Module, job: Job) -> torch.nn.Module:
@@ -105,11 +113,29 @@ class Engine:
         forget = make_loader(self.images, self.labels, np.flatnonzero(self.masks["forget"]), bs, True, job.seed + 1)
         val = make_loader(self.images, self.labels, np.flatnonzero(self.masks["val"]), bs, False, job.seed + 2)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        out = method.fn(model, retain, forget, val, **hparams)
+        try:
+            out = method.fn(model, retain, forget, val, **hparams)
+        except Exception as exc:
+            raise MethodError(f"model {job.model_id}: method {job.method!r} raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(out, torch.nn.Module):
-            raise MethodOutputError(f"method {job.method!r} returned {type(out).__name__}, not a torch.nn.Module")
+            raise MethodOutputError(f"model {job.model_id}: method {job.method!r} returned {type(out).__name__}, "
+                                    "not a torch.nn.Module")
         out_shapes = {k: tuple(v.shape) for k, v in out.state_dict().items()}
         if out_shapes != shapes:
-            raise MethodOutputError(f"method {job.method!r} returned a model of another shape than the original")
+            raise MethodOutputError(f"model {job.model_id}: method {job.method!r} returned a model of another "
+                                    "shape than the original")
         return out.to(self.device).eval()
+
+    def _timing(self, seconds: float) -> dict:
+        """An unlearned model's time next to the mean train_seconds of the run's committed retrain models
+        (looked up once per engine), and whether it is over the spec's time_cutoff fraction."""
+        if getattr(self, "_retrain_mean", None) is None:
+            times = [m["train_seconds"] for m in self.store.markers().values()
+                     if m.get("role") == "retrain" and m.get("train_seconds")]
+            self._retrain_mean = sum(times) / len(times) if times else None
+        mean, cutoff = self._retrain_mean, self.spec.time_cutoff
+        ratio = seconds / mean if mean else None
+        return {"retrain_seconds_mean": round(mean, 4) if mean else None,
+                "time_ratio": round(ratio, 4) if ratio is not None else None, "time_cutoff": cutoff,
+                "over_time_cutoff": bool(ratio > cutoff) if ratio is not None and cutoff else None}
 

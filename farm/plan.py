@@ -110,6 +110,6 @@ def make_plan(spec: Spec, split: np.ndarray, labels: np.ndarray, groups: np.ndar
         add("shadow", i, train_ids[mask])
     for u in spec.unlearn:
         for i in range(u.count):
-            add("unlearned", i, train_ids, model_id=f"unlearned-{u.method}-{u.hparams_hash}-{i:05d}",
+            add("unlearned", i, train_ids, model_id=f"unlearned-{u.method_id}-{u.hparams_hash}-{i:05d}",
                 parent=originals[i % len(originals)], method=u.method, hparams=dict(u.hparams))
     return Plan(spec=spec, forget=forget, jobs=tuple(jobs))

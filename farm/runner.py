@@ -165,14 +165,15 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
 
 
-def run_local(prep: PreparedRun, progress: bool = True, device: str | None = None) -> RunResult:
+def run_local(prep: PreparedRun, progress: bool = True, device: str | None = None,
+              threads: int | None = None) -> RunResult:
     """The plain in-process loop: no Ray; used on machines without Ray and as the benchmark baseline."""
     from .engine import Engine
 
     started = time.perf_counter()
     sched = _Scheduler(prep, progress)
     # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
-    threads = max(1, int(prep.spec.resources.cpus))
+    threads = threads or max(1, int(prep.spec.resources.cpus))
     engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
     while sched.queue:
         job = sched.queue.popleft()

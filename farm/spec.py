@@ -72,6 +72,13 @@ class UnlearnSpec:
         blob = json.dumps({"method": self.method, "hparams": self.hparams}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
+    @property
+    def method_id(self) -> str:
+        """The method as it appears in model ids: file-name safe (farm.methods.method_label)."""
+        from .methods import method_label
+
+        return method_label(self.method)
+
 
 @dataclass(frozen=True)
 class OutputSpec:
@@ -99,6 +106,9 @@ class Spec:
     outputs: OutputSpec = OutputSpec()
     resources: ResourceSpec = ResourceSpec()
     max_retries: int = 2
+    # unlearned models slower than this fraction of the mean retrain time are marked over_time_cutoff
+    time_cutoff: float | None = None
+    tune: dict = field(default_factory=dict)  # the `ufarm tune` section, checked by farm.tune
 
     def count(self, role: str) -> int:
         return int(self.counts.get(role, 0))
@@ -110,7 +120,7 @@ class Spec:
         """What a store's models depend on. Counts, methods, resources and retries are left out, so a run
         can be extended with more models or methods on the same store; anything else is another run."""
         d = self.to_dict()
-        for key in ("name", "counts", "unlearn", "resources", "max_retries"):
+        for key in ("name", "counts", "unlearn", "resources", "max_retries", "time_cutoff", "tune"):
             d.pop(key)
         d["dataset"].pop("path")  # the data fingerprint covers where it came from
         return d
@@ -184,6 +194,14 @@ def _coerce(value, default, where):
     return value
 
 
+def _tune_section(raw) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"tune must be a mapping (see docs/tune.md), got {raw!r}")
+    return dict(raw)
+
+
 def spec_from_dict(raw: dict) -> Spec:
     raw = copy.deepcopy(raw)
     allowed = {f.name for f in dataclasses.fields(Spec)}
@@ -223,6 +241,8 @@ def spec_from_dict(raw: dict) -> Spec:
         outputs=_build(OutputSpec, raw.get("outputs"), "outputs"),
         resources=_build(ResourceSpec, raw.get("resources"), "resources"),
         max_retries=_coerce(max_retries, 0, "max_retries"),
+        time_cutoff=_coerce(raw.get("time_cutoff"), 0.0, "time_cutoff"),
+        tune=_tune_section(raw.get("tune")),
     )
     validate(spec)
     return spec
@@ -304,6 +324,8 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"resources.gpus must be a fraction in [0, 1] or a whole number, got {r.gpus}")
     if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")
+    if spec.time_cutoff is not None and not spec.time_cutoff > 0:
+        raise SpecError(f"time_cutoff must be a positive fraction of the mean retrain time, got {spec.time_cutoff}")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or spec.seed < 0:
         raise SpecError(f"seed must be a non-negative integer, got {spec.seed!r}")
 
