@@ -734,7 +734,8 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     split = np.asarray(ex.column("split").to_numpy(zero_copy_only=False)).astype(str)
     forget = np.asarray(ex.column("forget").to_numpy(zero_copy_only=False), dtype=bool)
     markers = store.markers()
-    intact = store.intact_models()
+    sizes = store.logits_sizes()
+    intact = {mid: mk for mid, mk in markers.items() if sizes.get(mid) == mk.get("bytes")}  # as intact_models()
     broken = sorted(set(markers) - set(intact))
     by_role: dict[str, list] = {}
     for mid in sorted(intact):

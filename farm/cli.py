@@ -22,6 +22,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, help="at most this many Ray workers (default: as many as fit)")
     p.add_argument("--local", action="store_true", help="train in a plain in-process loop, without Ray")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true",
+                   help="check every committed logits file's sha256 first and retrain models that fail it")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +38,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the digits-demo preset end to end and summarize it")
     p.add_argument("--store", default=DEFAULT_DEMO_STORE, help=f"run store URI (default: {DEFAULT_DEMO_STORE})")
     _add_run_options(p)
+    p = sub.add_parser("tune", help="Ray Tune search over an unlearning method's hyper-parameters (docs/tune.md)")
+    p.add_argument("spec", help="a YAML spec with a tune section, or a preset name (e.g. digits-tune)")
+    p.add_argument("--store", required=True, help="run store URI holding the run's originals and retrain models")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started on demand)")
+    p.add_argument("--restart", action="store_true", help="start the search afresh instead of resuming it")
+    p.add_argument("--local", action="store_true", help="train missing reference models in-process, not with Ray")
+    p.add_argument("--no-progress", action="store_true", help="no Tune status tables or progress bars")
     sub.add_parser("presets", help="list the specs shipped with the package")
     p = sub.add_parser("evaluate", help="LiRA/RMIA, the competition's forgetting score, tests and a report")
     p.add_argument("store", help="run store URI")
@@ -60,7 +69,7 @@ def cmd_run(spec_arg: str, args) -> int:
     from .runner import prepare_run, run_local, run_ray
 
     spec = load_spec(spec_arg)
-    prep = prepare_run(spec, args.store)
+    prep = prepare_run(spec, args.store, verify=args.verify)
     print(f"ufarm: run {spec.name!r} in {prep.store.uri}: {len(prep.plan.jobs)} models planned, "
           f"{len(prep.done)} already done, {len(prep.pending)} to train", flush=True)
     progress = not args.no_progress
@@ -131,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_demo(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "tune":
+            from .tune import cmd_tune
+
+            return cmd_tune(args)
         if args.command == "presets":
             from .spec import preset_names
 

@@ -79,8 +79,11 @@ def build_manifest(spec: Spec, dataset: Dataset) -> dict:
     }))
 
 
-def prepare_run(spec: Spec, store_uri: str) -> PreparedRun:
-    """Everything that can fail on bad input happens here, before the first byte is written."""
+def prepare_run(spec: Spec, store_uri: str, verify: bool = False) -> PreparedRun:
+    """Everything that can fail on bad input happens here, before the first byte is written.
+
+    Committed models count as done when their logits file has the recorded size, or with verify=True
+    the recorded sha256 (which reads every file); the others are trained again."""
     for u in spec.unlearn:
         get_method(u.method).resolve(u.hparams)
     store = RunStore(store_uri)
@@ -91,7 +94,8 @@ def prepare_run(spec: Spec, store_uri: str) -> PreparedRun:
                                                                  plan.forget))
     store.remove_temporaries()
     planned = {j.model_id for j in plan.jobs}
-    done = {mid: m for mid, m in store.intact_models().items() if mid in planned}
+    committed = store.verified_models() if verify else store.intact_models()
+    done = {mid: m for mid, m in committed.items() if mid in planned}
     return PreparedRun(spec, store, dataset, plan, done)
 
 

@@ -199,6 +199,18 @@ class RunStore:
         sizes = self.logits_sizes()
         return {mid: m for mid, m in self.markers().items() if sizes.get(mid) == m.get("bytes")}
 
+    def verified_models(self) -> dict[str, dict]:
+        """Markers whose logits file matches the recorded sha256 (reads every file; `ufarm run --verify`)."""
+        intact = self.intact_models()
+
+        def ok(item):
+            mid, marker = item
+            return hashlib.sha256(self.read_bytes(marker["logits"])).hexdigest() == marker["sha256"]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            keep = list(pool.map(ok, intact.items()))
+        return {mid: m for (mid, m), good in zip(intact.items(), keep) if good}
+
     def write_model(self, model_id: str, table: pa.Table, marker: dict, weights: bytes | None = None) -> dict:
         """Weights, then the logits file, then the marker (the commit). Returns the marker written."""
         if weights is not None:

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -439,7 +440,8 @@ def rows_of(results, ts: TuneSpec) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        trial_id = m.get("trial_id") or os.path.basename(str(r.path or "")).split("_")[-3:][0]
+        found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", os.path.basename(str(r.path or "")))
+        trial_id = m.get("trial_id") or (found.group(1) if found else "?")
         hp = json.loads(m["hparams_json"]) if m.get("hparams_json") else dict(r.config or {})
         if r.error is not None:
             status = "ERROR"

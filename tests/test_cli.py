@@ -28,12 +28,19 @@ def _conf_bytes(uri):
     return out
 
 
-def test_demo_end_to_end(ray_address, tmp_path):
-    store = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_store(ray_address, tmp_path_factory):
+    """The README's demo, run once: `ufarm demo --store DIR`."""
+    store = tmp_path_factory.mktemp("demo") / "run"
     r = ufarm("demo", "--store", store, "--no-progress", env={"RAY_ADDRESS": ray_address})
     assert r.returncode == 0, r.stderr
-    assert f"the run is in {store}" in r.stdout
-    assert "total            26       26        0        0" in r.stdout
+    return store, r.stdout
+
+
+def test_demo_end_to_end(demo_store):
+    store, stdout = demo_store
+    assert f"the run is in {store}" in stdout
+    assert "total            26       26        0        0" in stdout
     s = ufarm("status", store)
     assert s.returncode == 0 and "total            26       26        0        0" in s.stdout
     markers = RunStore(str(store)).markers()
@@ -49,6 +56,13 @@ def test_run_resume_and_determinism(ray_address, tiny_spec_file, tmp_path):
     assert "7 models planned, 0 already done, 7 to train" in r.stdout
     again = ufarm("run", tiny_spec_file, "--store", a, "--no-progress", env=env)
     assert "7 already done, 0 to train" in again.stdout and again.returncode == 0
+    # a flipped byte keeps the size: --verify finds it by checksum and retrains only that model
+    victim = a / "logits" / "shadow-00001.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    fixed = ufarm("run", tiny_spec_file, "--store", a, "--no-progress", "--verify", env=env)
+    assert "6 already done, 1 to train" in fixed.stdout and fixed.returncode == 0
     # the same spec and seed in another store, and with the plain in-process loop: identical conf bytes
     assert ufarm("run", tiny_spec_file, "--store", b, "--local", "--no-progress").returncode == 0
     ca, cb = _conf_bytes(str(a)), _conf_bytes(str(b))
@@ -56,17 +70,17 @@ def test_run_resume_and_determinism(ray_address, tiny_spec_file, tmp_path):
     assert all(ca[m] == cb[m] for m in ca)
 
 
-def test_s3_store_gives_the_same_models(ray_address, tiny_spec_file, tmp_path, bucket):
-    uri = f"s3://{bucket}/runs/tiny"
-    r = ufarm("run", tiny_spec_file, "--store", uri, "--no-progress", env={"RAY_ADDRESS": ray_address})
+def test_demo_on_s3_gives_the_same_models(demo_store, ray_address, bucket):
+    uri = f"s3://{bucket}/runs/demo"
+    r = ufarm("demo", "--store", uri, "--no-progress", env={"RAY_ADDRESS": ray_address})
     assert r.returncode == 0, r.stderr
-    local = tmp_path / "local"
-    assert ufarm("run", tiny_spec_file, "--store", local, "--local", "--no-progress").returncode == 0
-    assert _conf_bytes(uri) == _conf_bytes(str(local))
+    assert "total            26       26        0        0" in r.stdout
+    local = _conf_bytes(str(demo_store[0]))
+    assert _conf_bytes(uri) == local and len(local) == 26
     s3 = boto3.client("s3")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
-    assert sum(k.startswith("runs/tiny/logits/") for k in keys) == 7
-    assert sum(k.startswith("runs/tiny/models/") for k in keys) == 7
+    assert sum(k.startswith("runs/demo/logits/") for k in keys) == 26
+    assert sum(k.startswith("runs/demo/models/") for k in keys) == 26
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"].split("://")[1], scheme="http",
@@ -78,7 +92,7 @@ def test_s3_store_gives_the_same_models(ray_address, tiny_spec_file, tmp_path, b
             with fs.open_input_stream(f"{bucket}/{key}") as fh:
                 json.loads(fh.read())
     status = ufarm("status", uri)
-    assert "total             7        7        0        0" in status.stdout
+    assert "total            26       26        0        0" in status.stdout
 
 
 def _snapshot(store):
@@ -125,8 +139,10 @@ def test_driver_killed_mid_run_resumes(ray_address, tmp_path):
 
 
 def test_failing_job_is_reported_and_others_finish(ray_address, tmp_path, capsys):
+    method = tmp_path / "broken_method.py"
+    method.write_text("def unlearn(net, retain, forget, validation):\n    raise ValueError('Invalid learning rate')\n")
     spec = copy.deepcopy(TINY_SPEC)
-    spec["unlearn"].append({"method": "finetune", "count": 1, "hparams": {"lr": -1.0}})  # SGD rejects lr < 0
+    spec["unlearn"].append({"method": f"{method}:unlearn", "count": 1})  # a user's method that always raises
     spec["max_retries"] = 1
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -134,7 +150,7 @@ def test_failing_job_is_reported_and_others_finish(ray_address, tmp_path, capsys
     rc = main(["run", str(path), "--store", str(store), "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 1
-    bad = [m for m in out.splitlines() if m.startswith("  failed unlearned-finetune-")]
+    bad = [m for m in out.splitlines() if m.startswith("  failed unlearned-")]
     assert len(bad) == 1 and "Invalid learning rate" in bad[0]
     store_obj = RunStore(str(store))
     assert len(store_obj.intact_models()) == 7

@@ -1,0 +1,116 @@
+"""Train K models of one architecture at once by stacking their weights (torch.func.functional_call + vmap).
+
+Each model keeps its own seed (initialisation), its own training set and its own data order: model k is
+initialised exactly as farm.training would initialise it alone (torch.manual_seed(seed_k) then
+build_model), and draws its batches from a generator seeded as the single-model path seeds it. The only
+difference from one-at-a-time training is the arithmetic order inside the batched kernels, so results
+agree to float rounding, not bit for bit.
+
+Why this is exact and not an approximation: the stacked parameters are leaves of shape [K, ...] and the
+loss is the sum of the K models' mean losses, so the gradient of the stacked tensor is each model's own
+gradient; SGD with momentum and weight decay is elementwise, so one torch.optim.SGD over the stacked
+tensors is K independent optimisers.
+
+Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
+length with zero-weight entries at the end of each epoch's last batch. Only models without buffers
+(no BatchNorm running statistics) can be stacked; farm.models' small-cnn has none, ResNet-18 does and is
+trained one model per worker instead (fractional GPUs pack several workers on one card).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from .spec import TrainingSpec
+from .training import apply_query, augment_batch
+
+
+def can_stack(model: torch.nn.Module) -> bool:
+    return not any(True for _ in model.buffers())
+
+
+class StackedModels:
+    """K models of one architecture as stacked parameters, with a vmapped forward."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        if not models:
+            raise ValueError("StackedModels needs at least one model")
+        if not can_stack(models[0]):
+            raise ValueError("models with buffers (e.g. BatchNorm running statistics) cannot be stacked")
+        params, _ = stack_module_state(models)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")  # the architecture only; weights come from params
+        self.k = len(models)
+
+        def one(p, x):
+            return functional_call(self.base, p, (x,))
+
+        self._per_model_batch = vmap(one, in_dims=(0, 0))  # x: [K, B, ...]
+        self._shared_batch = vmap(one, in_dims=(0, None))  # x: [B, ...], the same inputs for all models
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._per_model_batch(self.params, x)
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared_batch(self.params, x)
+
+    def unstack(self, template: torch.nn.Module) -> list[torch.nn.Module]:
+        """K ordinary modules with the trained weights (for storing weights or running a method)."""
+        out = []
+        for i in range(self.k):
+            m = copy.deepcopy(template)
+            m.load_state_dict({k: v[i].detach() for k, v in self.params.items()})
+            out.append(m.eval())
+        return out
+
+
+def train_stacked(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor,
+                  train_sets: list[np.ndarray], cfg: TrainingSpec, gens: list[torch.Generator]) -> None:
+    """SGD with momentum and a cosine schedule, as farm.training.train_model, for K models at once.
+
+    train_sets[k] are model k's example ids; gens[k] its data-order generator (seeded like the single path).
+    """
+    device = images.device
+    k = stack.k
+    sizes = [len(s) for s in train_sets]
+    n_max = max(sizes)
+    steps_per_epoch = math.ceil(n_max / cfg.batch_size)
+    opt = torch.optim.SGD(list(stack.params.values()), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sets = [torch.tensor(s, dtype=torch.long) for s in train_sets]
+    for _ in range(cfg.epochs):
+        # each model's order for this epoch, padded with -1 (weight 0) to the common length
+        orders = torch.full((k, n_max), -1, dtype=torch.long)
+        for i in range(k):
+            orders[i, : sizes[i]] = sets[i][torch.randperm(sizes[i], generator=gens[i])]
+        for start in range(0, n_max, cfg.batch_size):
+            idx = orders[:, start:start + cfg.batch_size]  # [K, B]
+            valid = (idx >= 0).to(device)
+            safe = idx.clamp(min=0).to(device)
+            x, y = images[safe], labels[safe]  # [K, B, C, H, W], [K, B]
+            if cfg.augment:
+                x = torch.stack([augment_batch(x[i], gens[i]) for i in range(k)])
+            logits = stack.forward(x)  # [K, B, n_classes]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            loss = loss.view(k, -1) * valid
+            per_model = loss.sum(1) / valid.sum(1).clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            per_model.sum().backward()
+            opt.step()
+            sched.step()
+
+
+@torch.no_grad()
+def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[str, ...],
+                    batch_size: int) -> np.ndarray:
+    """float32 [K, N, Q, C]: every model's logits for every example under every query."""
+    outs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        outs.append(torch.stack([stack.forward_shared(apply_query(x, q)) for q in queries], dim=2).float().cpu())
+    return torch.cat(outs, dim=1).numpy()
