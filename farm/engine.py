@@ -6,6 +6,7 @@ directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import platform
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .batched import StackedModels, can_stack, predict_stacked, train_stacked
 from .methods import get_method
 from .models import build_model
 from .plan import Job
@@ -21,6 +23,10 @@ from .spec import Spec
 from .store import RunStore, logits_table
 from .training import (accuracy, make_loader, predict_logits, set_determinism, train_model,
                        use_deterministic_kernels)
+
+
+AUTO_CPU_BATCH = 8  # measured on 2 cores: stacking 8 digits CNNs beats one at a time (docs/benchmarks.md)
+AUTO_MAX_BATCH = 256
 
 
 class MethodOutputError(RuntimeError):
@@ -79,6 +85,50 @@ class Engine:
             train_model(model, self.images, self.labels, job.train_idx, self.spec.training, gen)
         train_seconds = time.perf_counter() - start
         logits = predict_logits(model, self.images, self.spec.queries, self.spec.training.eval_batch_size)
+        return self._commit(job, model, logits, train_seconds, time.perf_counter() - start)
+
+    def run_batch(self, jobs: list[Job]) -> list[dict]:
+        """Train several non-unlearned jobs at once with stacked weights (farm.batched) and commit each as
+        its own model; falls back to one at a time for a single job or an architecture with buffers."""
+        if len(jobs) == 1 or any(j.role == "unlearned" for j in jobs) or not can_stack(self.new_model()):
+            return [self.run(j) for j in jobs]
+        start = time.perf_counter()
+        models, gens = [], []
+        for job in jobs:  # each model initialised and ordered exactly as run() would do it alone
+            gens.append(set_determinism(job.seed))
+            models.append(self.new_model())
+        stack = StackedModels(models)
+        train_stacked(stack, self.images, self.labels, [j.train_idx for j in jobs], self.spec.training, gens)
+        train_seconds = (time.perf_counter() - start) / len(jobs)
+        logits = predict_stacked(stack, self.images, self.spec.queries, self.spec.training.eval_batch_size)
+        seconds = (time.perf_counter() - start) / len(jobs)
+        trained = stack.unstack(self.new_model())
+        return [self._commit(job, model, logits[i], train_seconds, seconds, batched=len(jobs))
+                for i, (job, model) in enumerate(zip(jobs, trained))]
+
+    def batch_capacity(self) -> int:
+        """How many models one stacked batch should hold here ("auto" in the spec): AUTO_CPU_BATCH on a CPU;
+        on a GPU, what 70% of the free memory holds, from the peak memory of a probe step of 4 models."""
+        if not can_stack(self.new_model()):
+            return 1
+        if self.device.type != "cuda":
+            return AUTO_CPU_BATCH
+        probe = 4
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        stack = StackedModels([self.new_model() for _ in range(probe)])
+        idx = np.arange(min(len(self.ctx.labels), self.spec.training.batch_size))
+        cfg = dataclasses.replace(self.spec.training, epochs=1)
+        train_stacked(stack, self.images, self.labels, [idx] * probe, cfg, [torch.Generator() for _ in range(probe)])
+        per_model = max(1, (torch.cuda.max_memory_allocated(self.device) - base) / probe)
+        del stack
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(max(1, min(AUTO_MAX_BATCH, 0.7 * free // per_model)))
+
+    def _commit(self, job: Job, model: torch.nn.Module, logits: np.ndarray, train_seconds: float,
+                seconds: float, batched: int = 1) -> dict:
+        """Check the outputs, then write weights (when kept), the logits file and the marker."""
         if not np.isfinite(logits).all():
             bad = int((~np.isfinite(logits)).any(axis=(1, 2)).sum())
             raise MethodOutputError(f"model {job.model_id} produced NaN or infinite logits for {bad} examples")
@@ -96,7 +146,7 @@ class Engine:
         marker = {
             "role": job.role, "seed": job.seed, "parent": job.parent, "method": job.method,
             "hparams": job.hparams, "train_examples": int(len(job.train_idx)),
-            "train_seconds": round(train_seconds, 4), "seconds": round(time.perf_counter() - start, 4),
+            "train_seconds": round(train_seconds, 4), "seconds": round(seconds, 4), "batched": batched,
             "accuracy": acc, "device": device_name(self.device),
         }
         if job.role == "unlearned":

@@ -109,6 +109,7 @@ class _Scheduler:
         self.attempts: dict[str, int] = {}
         self.deaths: dict[str, int] = {}
         self.queue: deque[Job] = deque()
+        self.solo: set[str] = set()  # jobs of a batch that raised: retried one at a time to isolate the cause
         self.waiting: list[Job] = []
         for job in prep.pending:
             (self.waiting if job.parent and job.parent not in self.done else self.queue).append(job)
@@ -125,6 +126,25 @@ class _Scheduler:
             else:
                 still.append(job)
         self.waiting = still
+
+    def take(self, k: int) -> list[Job]:
+        """The next job, plus up to k-1 more that can share a stacked batch (trained from scratch)."""
+        first = self.queue.popleft()
+        unit = [first]
+        if k > 1 and first.role != "unlearned" and first.model_id not in self.solo:
+            rest = deque()
+            while self.queue and len(unit) < k:
+                job = self.queue.popleft()
+                (unit if job.role != "unlearned" and job.model_id not in self.solo else rest).append(job)
+            self.queue.extendleft(reversed(rest))
+        return unit
+
+    def batch_raised(self, jobs: list[Job], error: BaseException, tb: str) -> None:
+        if len(jobs) == 1:
+            return self.raised(jobs[0], error, tb)
+        log.warning("a batch of %d models raised (%s); retrying them one at a time", len(jobs), _one_line(error))
+        self.solo.update(j.model_id for j in jobs)
+        self.queue.extendleft(reversed(jobs))
 
     def succeeded(self, job: Job) -> None:
         self.done.add(job.model_id)
@@ -179,14 +199,17 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
     # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
     threads = threads or max(1, int(prep.spec.resources.cpus))
     engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
+    batch_models = prep.spec.resources.batch_models
+    k = 1 if engine is None else engine.batch_capacity() if batch_models == "auto" else int(batch_models)
     while sched.queue:
-        job = sched.queue.popleft()
+        jobs = sched.take(k)
         try:
-            engine.run(job)
+            engine.run_batch(jobs)
         except Exception as exc:  # a job's failure must not stop the run
-            sched.raised(job, exc, traceback.format_exc())
+            sched.batch_raised(jobs, exc, traceback.format_exc())
         else:
-            sched.succeeded(job)
+            for job in jobs:
+                sched.succeeded(job)
     return sched.finish(started)
 
 
@@ -224,8 +247,11 @@ class FarmWorker:
 
         self.engine = Engine(ctx, threads=threads)
 
-    def run(self, job: Job) -> dict:
-        return self.engine.run(job)
+    def run(self, jobs: list[Job]) -> list[dict]:
+        return self.engine.run_batch(jobs)
+
+    def batch_capacity(self) -> int:
+        return self.engine.batch_capacity()
 
     def pid(self) -> int:
         return os.getpid()
@@ -259,31 +285,37 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
     Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0,
                        runtime_env={"env_vars": forwarded_env()})(FarmWorker)
     ctx_ref = ray.put(prep.context())
-    idle = [Actor.remote(ctx_ref, threads) for _ in range(worker_count(prep.spec, len(prep.pending), max_workers))]
+    n_workers = worker_count(prep.spec, len(prep.pending), max_workers)
+    idle = [Actor.remote(ctx_ref, threads) for _ in range(n_workers)]
+    k = int(ray.get(idle[0].batch_capacity.remote())) if res.batch_models == "auto" else int(res.batch_models)
     inflight: dict = {}
     try:
         while sched.queue or inflight:
             while idle and sched.queue:
-                actor, job = idle.pop(), sched.queue.popleft()
-                inflight[actor.run.remote(job)] = (actor, job)
+                # share the ready jobs evenly over the workers, at most k per stacked batch
+                jobs = sched.take(min(k, math.ceil(len(sched.queue) / n_workers)))
+                actor = idle.pop()
+                inflight[actor.run.remote(jobs)] = (actor, jobs)
             if not inflight:
                 break
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
-                actor, job = inflight.pop(ref)
+                actor, jobs = inflight.pop(ref)
                 try:
                     ray.get(ref)
                 except RayActorError as exc:  # the worker process or its node died: replace it
                     ray.kill(actor, no_restart=True)
                     idle.append(Actor.remote(ctx_ref, threads))
-                    sched.worker_died(job, exc)
+                    for job in jobs:
+                        sched.worker_died(job, exc)
                 except RayTaskError as exc:
                     idle.append(actor)
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    sched.raised(job, cause, _ANSI.sub("", str(exc)))
+                    sched.batch_raised(jobs, cause, _ANSI.sub("", str(exc)))
                 else:
                     idle.append(actor)
-                    sched.succeeded(job)
+                    for job in jobs:
+                        sched.succeeded(job)
     finally:
         for actor in idle + [a for a, _ in inflight.values()]:
             ray.kill(actor, no_restart=True)

@@ -90,6 +90,7 @@ class OutputSpec:
 class ResourceSpec:
     cpus: float = 1.0  # per model (per actor)
     gpus: float = 0.0  # per model; fractions pack several actors on one GPU
+    batch_models: int | str = 1  # models trained together with stacked weights per worker, or "auto"
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,9 @@ def _build(cls, raw: Any, where: str):
     values = {}
     for name, value in raw.items():
         default = fields[name].default
+        if value == "auto" and name == "batch_models":  # the one field that takes a word or a number
+            values[name] = value
+            continue
         values[name] = _coerce(value, default, f"{where}.{name}")
     return cls(**values)
 
@@ -322,6 +326,9 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"resources.cpus must be positive, got {r.cpus}")
     if r.gpus < 0 or (r.gpus > 1 and r.gpus != int(r.gpus)):
         raise SpecError(f"resources.gpus must be a fraction in [0, 1] or a whole number, got {r.gpus}")
+    if r.batch_models != "auto" and (isinstance(r.batch_models, bool) or not isinstance(r.batch_models, int)
+                                     or r.batch_models < 1):
+        raise SpecError(f"resources.batch_models must be a positive integer or 'auto', got {r.batch_models!r}")
     if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")
     if spec.time_cutoff is not None and not spec.time_cutoff > 0:

@@ -1,0 +1,56 @@
+"""The batched engine: K models trained together with stacked weights match one-at-a-time training."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from farm.engine import Engine
+from farm.runner import prepare_run, run_local
+from farm.spec import SpecError, spec_from_dict
+from farm.store import RunStore
+from tests.conftest import TINY_SPEC
+
+
+def _spec(**resources):
+    d = copy.deepcopy(TINY_SPEC)
+    d["counts"] = {"original": 1, "retrain": 2, "shadow": 4}
+    d["unlearn"] = []
+    d["training"]["augment"] = True  # per-model augmentation draws must follow each model's own generator
+    d["resources"] = resources
+    return spec_from_dict(d)
+
+
+def test_stacked_training_matches_one_at_a_time(tmp_path):
+    torch.set_num_threads(1)
+    spec = _spec()
+    single_prep = prepare_run(spec, str(tmp_path / "single"))
+    batch_prep = prepare_run(spec, str(tmp_path / "batched"))
+    single = Engine(single_prep.context(), threads=1)
+    batched = Engine(batch_prep.context(), threads=1)
+    jobs = [j for j in single_prep.plan.jobs if j.role == "shadow"]  # different halves, odd split sizes
+    for job in jobs:
+        single.run(job)
+    markers = batched.run_batch(jobs)
+    assert [m["batched"] for m in markers] == [len(jobs)] * len(jobs)
+    a, b = RunStore(str(tmp_path / "single")).read_conf(), RunStore(str(tmp_path / "batched")).read_conf()
+    assert a.model_ids == b.model_ids
+    # the same initialisation, batches and augmentations: equal up to float rounding of the kernels
+    assert np.allclose(a.conf, b.conf, atol=2e-3, rtol=1e-3)
+    assert np.array_equal(a.trained_on, b.trained_on)
+    for ma, mb in zip(a.markers, b.markers):
+        assert ma["accuracy"] == pytest.approx(mb["accuracy"], abs=0.01)
+
+
+def test_batched_run_through_the_runner(tmp_path):
+    spec = _spec(batch_models=3)
+    result = run_local(prepare_run(spec, str(tmp_path)), progress=False)
+    assert not result.failed and len(result.trained) == 7
+    markers = RunStore(str(tmp_path)).markers()
+    assert sorted(m["batched"] for m in markers.values()) == [1, 3, 3, 3, 3, 3, 3]
+
+
+def test_batch_models_is_validated():
+    with pytest.raises(SpecError, match="resources.batch_models must be a positive integer or 'auto'"):
+        _spec(batch_models=0)
+    assert _spec(batch_models="auto").resources.batch_models == "auto"
