@@ -23,8 +23,6 @@ import functools
 import hashlib
 import importlib
 import importlib.util
-import itertools
-import math
 import os
 import re
 import sys

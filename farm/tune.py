@@ -374,10 +374,10 @@ def _storage(ts: TuneSpec, store) -> tuple[str, object, str]:
     """(storage_path for Ray, its pyarrow filesystem or None, the experiment path for restore)."""
     if ts.storage_path:
         path = ts.storage_path.rstrip("/")
-        if path.startswith("s3://") and store.is_s3:
+        if path.startswith("s3://"):
             from .store import RunStore
 
-            other = RunStore(path)  # the same endpoint settings as the store
+            other = RunStore(path)  # the endpoint and credentials of the standard AWS environment, as the store
             return other.root, other.fs, f"{other.root}/{ts.search_name}"
         if "://" not in path:
             path = os.path.abspath(path)

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Farm benchmarks, each a ratio measured in one run on one machine:
 
-1. runner: the digits-demo preset's models trained through the Ray runner versus the same jobs in a plain
+1. batched: K models of the same preset trained together with stacked weights (farm.batched) versus the
+   same jobs one at a time in the same engine, including writing their logits (digits on CPU; with
+   --dataset fashion-mnist the issue's GPU setting: shadows, 5 epochs on half the train split);
+2. runner: the digits-demo preset's models trained through the Ray runner versus the same jobs in a plain
    in-process loop (at the runner's per-worker thread count, and at all cores), in models per minute;
-2. store: writing and reading the conf matrix of M models x E examples x Q queries through the run store
+3. store: writing and reading the conf matrix of M models x E examples x Q queries through the run store
    (Parquet logits files + markers, checksums verified on read) versus raw .npy files of the same data.
 
     python scripts/bench_farm.py            # full sizes (digits-demo; 256 x 70,000 x 2)
@@ -59,6 +62,46 @@ def bench_runner(spec_name: str, quick: bool) -> None:
     for label, rate in results.items():
         if label != "Ray runner":
             print(f"  runner / {label}: {ray_rate / rate:.2f}x")
+
+
+def bench_batched(preset: str, n_models: int, k: int, epochs: int | None) -> None:
+    import torch
+
+    from farm.engine import Engine
+    from farm.runner import prepare_run
+    from farm.spec import load_spec, spec_from_dict
+
+    d = load_spec(preset).to_dict()
+    d["counts"] = {"shadow": n_models + 2}  # even (complementary pairs); one is the warm-up
+    d["unlearn"] = []
+    d["outputs"] = {"keep_logits": False, "keep_weights": False}
+    if epochs:
+        d["training"]["epochs"] = epochs
+    spec = spec_from_dict(d)
+    tmp = tempfile.mkdtemp(prefix="bench-batched-")
+    threads = None if torch.cuda.is_available() else os.cpu_count()
+    try:
+        times = {}
+        for label in ("one at a time", f"stacked, K={k}"):
+            prep = prepare_run(spec, f"{tmp}/{len(times)}")
+            engine = Engine(prep.context(), threads=threads)
+            engine.run(prep.pending[0])  # warm-up (kernels, allocator), committed but not timed
+            jobs = prep.pending[1:n_models + 1]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if label == "one at a time":
+                markers = [engine.run(j) for j in jobs]
+            else:
+                markers = [m for i in range(0, len(jobs), k) for m in engine.run_batch(jobs[i:i + k])]
+            times[label] = time.perf_counter() - t0
+            acc = np.mean([m["accuracy"]["test"] for m in markers])
+            print(f"  {label:<16} {len(jobs)} models in {times[label]:7.2f} s = {times[label] / len(jobs):.3f} s/model,"
+                  f" mean test accuracy {acc:.4f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    one, stacked = times["one at a time"], times[f"stacked, K={k}"]
+    print(f"  stacked / one at a time: {one / stacked:.2f}x the models per second")
 
 
 def bench_store(n_models: int, n_examples: int, n_queries: int) -> None:
@@ -123,12 +166,22 @@ def bench_store(n_models: int, n_examples: int, n_queries: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes")
-    ap.add_argument("--only", choices=("runner", "store"), help="run one benchmark")
+    ap.add_argument("--only", choices=("batched", "runner", "store"), help="run one benchmark")
+    ap.add_argument("--dataset", default="digits-demo", help="preset for the batched benchmark "
+                    "(fashion-mnist for the GPU figures)")
+    ap.add_argument("--models", type=int, default=None, help="models in the batched benchmark")
+    ap.add_argument("--k", type=int, default=None, help="models per stacked batch")
     args = ap.parse_args()
     import torch
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    if args.only in (None, "batched"):
+        gpu = torch.cuda.is_available()
+        n = args.models or (8 if args.quick else 256 if gpu else 16)
+        k = args.k or (256 if gpu else 8)
+        print(f"[batched] {args.dataset}: {n} shadow models, stacked K={k} vs one at a time (+1 warm-up each)")
+        bench_batched(args.dataset, n, k, 2 if args.quick else None)
     if args.only in (None, "runner"):
         print("[runner] digits-demo models: Ray runner vs plain in-process loop")
         bench_runner("digits-demo", args.quick)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import os
 import signal
 import subprocess
@@ -142,9 +141,23 @@ def test_random_search_with_asha(ray_address, small_store):
     assert all(yaml.safe_load(r["hparams"])["seed"] == 7 for r in res.rows)  # seed 7: new replicates
 
 
+def test_tune_state_can_live_on_s3(ray_address, small_store, bucket):
+    import boto3
+
+    from farm.tune import run_search
+
+    spec = spec_from_dict(tune_spec(name="s3state", storage_path=f"s3://{bucket}/tune-state", models=2,
+                                    baseline=False, params={"lr": [0.01, 0.02], "epochs": 1}))
+    res = run_search(spec, small_store, progress=False)
+    assert res.complete and [r["status"] for r in res.rows] == ["DONE", "DONE"]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("tune-state/s3state/experiment_state") for k in keys), keys
+    assert os.path.exists(os.path.join(small_store, "tune", "s3state", "trials.csv"))
+
+
 def test_interrupted_search_resumes_without_redoing_finished_trials(ray_address, small_store, tmp_path):
     spec = write_spec(tmp_path / "r.yaml", tune_spec(
-        name="resume", params={"lr": [0.004, 0.008, 0.016, 0.032]}, models=4, max_concurrent=1, baseline=False))
+        name="resume", params={"lr": [0.004, 0.008, 0.016]}, models=3, max_concurrent=1, baseline=False))
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     markers = os.path.join(small_store, "models")
     before = set(os.listdir(markers))
@@ -152,7 +165,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(ray_address,
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if len(set(os.listdir(markers)) - before) >= 5:  # one trial done, the next one started
+        if len(set(os.listdir(markers)) - before) >= 4:  # one trial done, the next one started
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the search finished before it could be interrupted"
@@ -161,12 +174,12 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(ray_address,
     assert proc.returncode == 130, out
     first = {r["trial_id"]: r for r in read_trials(small_store, "resume")}
     done_first = {t: r for t, r in first.items() if r["status"] == "DONE"}
-    assert done_first and len(done_first) < 4, out
+    assert done_first and len(done_first) < 3, out
     r = ufarm("tune", spec, "--store", small_store, "--no-progress", env={"RAY_ADDRESS": ray_address})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming search 'resume'" in r.stdout
     second = {row["trial_id"]: row for row in read_trials(small_store, "resume")}
-    assert len(second) == 4 and all(row["status"] == "DONE" for row in second.values())
+    assert len(second) == 3 and all(row["status"] == "DONE" for row in second.values())
     for t, row in done_first.items():
         assert second[t]["timestamp"] == row["timestamp"], "a finished trial was run again"
         assert second[t]["final_score"] == row["final_score"]
