@@ -282,8 +282,9 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
     ensure_ray(address)
     res = prep.spec.resources
     threads = max(1, int(res.cpus))
+    env = forwarded_env()  # an empty runtime_env lets Ray use its prestarted worker processes
     Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0,
-                       runtime_env={"env_vars": forwarded_env()})(FarmWorker)
+                       **({"runtime_env": {"env_vars": env}} if env else {}))(FarmWorker)
     ctx_ref = ray.put(prep.context())
     n_workers = worker_count(prep.spec, len(prep.pending), max_workers)
     idle = [Actor.remote(ctx_ref, threads) for _ in range(n_workers)]

@@ -27,6 +27,7 @@ from .confidence import logit_scaled_confidence
 
 FORMAT_VERSION = 1
 TMP_TAG = ".tmp-"
+READ_THREADS = min(16, 2 * (os.cpu_count() or 1))  # Arrow and hashlib release the GIL
 
 
 class StoreError(RuntimeError):
@@ -236,7 +237,8 @@ class RunStore:
             if digest != marker["sha256"]:
                 raise StoreError(f"model {model_id}: logits file {marker['logits']} fails its checksum "
                                  f"(marker {marker['sha256'][:12]}, file {digest[:12]}); `ufarm run` retrains it")
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        # one thread per file: callers read many files from a thread pool, which parallelises better
+        return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
 
     def read_conf(self, model_ids: list[str] | None = None, roles: tuple[str, ...] | None = None,
                   verify: bool = True) -> StoreConf:
@@ -259,7 +261,7 @@ class RunStore:
             conf = t.column("conf").to_numpy().reshape(n_e, n_q)
             return conf, t.column("trained_on").to_numpy()[::n_q], t.column("forgotten").to_numpy()[::n_q]
 
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             parts = list(pool.map(load, model_ids))
         m = len(model_ids)
         return StoreConf(

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+N_ROUNDS = 3
+
 
 def bench_runner(spec_name: str, quick: bool) -> None:
     from farm.runner import ensure_ray, prepare_run, run_local, run_ray
@@ -123,41 +125,54 @@ def bench_store(n_models: int, n_examples: int, n_queries: int) -> None:
             rec[c] = table.column(c).to_numpy()
         records.append(rec)
     tmp = tempfile.mkdtemp(prefix="bench-store-")
-    times = {}
+    rounds = {}
 
     def timed(name, fn):
+        os.sync()  # dirty pages of the previous phase must not be flushed on this phase's clock
         t0 = time.perf_counter()
         out = fn()
-        times[name] = time.perf_counter() - t0
+        rounds.setdefault(name, []).append(time.perf_counter() - t0)
         return out
 
     try:
-        store = RunStore(f"{tmp}/store")
-        store.init_run({"format_version": 1, "spec": {"name": "bench", "queries": ["plain"] * n_queries},
-                        "identity": "bench", "identity_fields": {}, "dataset": {"name": "synthetic",
-                        "fingerprint": "0" * 64}, "n_examples": n_examples, "n_classes": 10},
-                       examples_table(split, labels, None, np.zeros(n_examples, bool)))
-        os.makedirs(f"{tmp}/npy")
-        timed("npy write, same columns", lambda: [np.save(f"{tmp}/npy/m{m:05d}.npy", r) for m, r in enumerate(records)])
-        timed("npy write, conf only", lambda: [np.save(f"{tmp}/npy/c{m:05d}.npy", r["conf"])
-                                               for m, r in enumerate(records)])
-        timed("store write", lambda: [store.write_model(f"shadow-{m:05d}", t, {"role": "shadow"})
-                                      for m, t in enumerate(tables)])
-        npy = timed("npy read, same columns", lambda: np.stack(
-            [np.load(f"{tmp}/npy/m{m:05d}.npy")["conf"].reshape(n_examples, n_queries) for m in range(n_models)]))
-        timed("npy read, conf only", lambda: np.stack(
-            [np.load(f"{tmp}/npy/c{m:05d}.npy").reshape(n_examples, n_queries) for m in range(n_models)]))
-        got = timed("store read", store.read_conf)
-        assert np.array_equal(got.conf, npy)
+        for r in range(N_ROUNDS):  # rotate the order so no method always runs first (page cache, writeback)
+            root = f"{tmp}/{r}"
+            store = RunStore(f"{root}/store")
+            store.init_run({"format_version": 1, "spec": {"name": "bench", "queries": ["plain"] * n_queries},
+                            "identity": "bench", "identity_fields": {}, "dataset": {"name": "synthetic",
+                            "fingerprint": "0" * 64}, "n_examples": n_examples, "n_classes": 10},
+                           examples_table(split, labels, None, np.zeros(n_examples, bool)))
+            os.makedirs(f"{root}/npy")
+            writers = [
+                ("npy same columns", lambda: [np.save(f"{root}/npy/m{m:05d}.npy", x) for m, x in enumerate(records)]),
+                ("npy conf only", lambda: [np.save(f"{root}/npy/c{m:05d}.npy", x["conf"]) for m, x in enumerate(records)]),
+                ("store", lambda: [store.write_model(f"shadow-{m:05d}", t, {"role": "shadow"})
+                                   for m, t in enumerate(tables)]),
+            ]
+            readers = [
+                ("npy same columns", lambda: np.stack([np.load(f"{root}/npy/m{m:05d}.npy")["conf"].reshape(
+                    n_examples, n_queries) for m in range(n_models)])),
+                ("npy conf only", lambda: np.stack([np.load(f"{root}/npy/c{m:05d}.npy").reshape(
+                    n_examples, n_queries) for m in range(n_models)])),
+                ("store", lambda: store.read_conf().conf),
+            ]
+            shift = r % 3
+            for name, fn in writers[shift:] + writers[:shift]:
+                timed(f"{name} write", fn)
+            got = {name: timed(f"{name} read", fn) for name, fn in readers[shift:] + readers[:shift]}
+            assert np.array_equal(got["store"], got["npy conf only"])
+            shutil.rmtree(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    t = {k: float(np.median(v)) for k, v in rounds.items()}
+    print(f"  median of {N_ROUNDS} rounds, order rotated, os.sync() before each timed phase")
     for op in ("write", "read"):
-        s, a, b = times[f"store {op}"], times[f"npy {op}, same columns"], times[f"npy {op}, conf only"]
+        s, a, b = t[f"store {op}"], t[f"npy same columns {op}"], t[f"npy conf only {op}"]
         print(f"  {op:<5}: store {s:6.2f} s | npy same columns {a:6.2f} s -> {s / a:5.2f}x | "
               f"npy conf only {b:6.2f} s -> {s / b:5.2f}x")
-    s = times["store write"] + times["store read"]
-    a = times["npy write, same columns"] + times["npy read, same columns"]
-    b = times["npy write, conf only"] + times["npy read, conf only"]
+    s = t["store write"] + t["store read"]
+    a = t["npy same columns write"] + t["npy same columns read"]
+    b = t["npy conf only write"] + t["npy conf only read"]
     print(f"  write + read: store {s:6.2f} s | npy same columns {a:6.2f} s -> {s / a:5.2f}x | "
           f"npy conf only {b:6.2f} s -> {s / b:5.2f}x")
     print("  (store read verifies every file's sha256 and also returns trained_on / forgotten)")
