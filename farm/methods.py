@@ -228,10 +228,10 @@ def neggrad_plus(net, retain, forget, validation, *, lr: float = 0.01, epochs: i
     return net
 
 
-def random_label(net, retain, forget, validation, *, lr: float = 0.01, epochs: int = 2,
-                 forget_weight: float = 1.0, momentum: float = 0.9, weight_decay: float = 5e-4):
-    """Random relabelling: train on forget examples with a random wrong label (fresh each step) while
-    also descending on retain batches: loss = CE(retain) + forget_weight * CE(forget, random label)."""
+def _relabel_on_retain(net, retain, forget, *, lr, epochs, momentum, weight_decay, forget_weight=1.0, mask=None):
+    """The loop random_label and salun share: each retain batch is paired with a forget batch whose labels
+    are replaced by random wrong ones; loss = CE(retain) + forget_weight * CE(forget, random label).
+    With a mask, only the masked weights move (their gradients are zeroed elsewhere)."""
     device = _device(net)
     n_classes = _n_classes(net, retain)
     opt = _sgd(net, lr, momentum, weight_decay)
@@ -246,10 +246,20 @@ def random_label(net, retain, forget, validation, *, lr: float = 0.01, epochs: i
             loss = F.cross_entropy(net(x.to(device)), y.to(device)) \
                 + forget_weight * F.cross_entropy(net(xf.to(device)), yr)
             loss.backward()
+            if mask is not None:
+                _apply_mask(net, mask)
             opt.step()
             sched.step()
     net.eval()
     return net
+
+
+def random_label(net, retain, forget, validation, *, lr: float = 0.01, epochs: int = 2,
+                 forget_weight: float = 1.0, momentum: float = 0.9, weight_decay: float = 5e-4):
+    """Random relabelling: train on forget examples with a random wrong label (fresh each step) while
+    also descending on retain batches: loss = CE(retain) + forget_weight * CE(forget, random label)."""
+    return _relabel_on_retain(net, retain, forget, lr=lr, epochs=epochs, momentum=momentum,
+                              weight_decay=weight_decay, forget_weight=forget_weight)
 
 
 def _kl(student_logits, teacher_logits, t):
@@ -301,24 +311,8 @@ def salun(net, retain, forget, validation, *, lr: float = 0.01, epochs: int = 2,
     k = max(1, int(round(mask_fraction * flat.numel())))
     threshold = torch.topk(flat, k, sorted=True).values[-1]
     mask = {name: (g.abs() >= threshold).to(g.dtype) for name, g in grads.items()}
-    device = _device(net)
-    n_classes = _n_classes(net, retain)
-    opt = _sgd(net, lr, momentum, weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(retain)))
-    fgt = _cycle(forget)
-    net.train()
-    for _ in range(epochs):
-        for x, y in retain:
-            xf, yf = next(fgt)
-            yr = _random_other_labels(yf.to(device), n_classes)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x.to(device)), y.to(device)) + F.cross_entropy(net(xf.to(device)), yr)
-            loss.backward()
-            _apply_mask(net, mask)
-            opt.step()
-            sched.step()
-    net.eval()
-    return net
+    return _relabel_on_retain(net, retain, forget, lr=lr, epochs=epochs, momentum=momentum,
+                              weight_decay=weight_decay, mask=mask)
 
 
 def erase_repair(net, retain, forget, validation, *, layers: int = 1, lr: float = 0.02, epochs: int = 3,
