@@ -73,7 +73,13 @@ def cmd_run(spec_arg: str, args) -> int:
     print(f"ufarm: run {spec.name!r} in {prep.store.uri}: {len(prep.plan.jobs)} models planned, "
           f"{len(prep.done)} already done, {len(prep.pending)} to train", flush=True)
     progress = not args.no_progress
-    if args.local:
+    workers = spec.resources.workers_per_model
+    if workers > 1 and not args.local:
+        from .distributed import run_distributed
+
+        result = run_distributed(prep, workers, use_gpu=spec.resources.gpus > 0, progress=progress,
+                                 address=args.address)
+    elif args.local:
         result = run_local(prep, progress=progress)
     else:
         result = run_ray(prep, address=args.address, max_workers=args.max_workers, progress=progress)

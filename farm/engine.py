@@ -85,7 +85,7 @@ class Engine:
             train_model(model, self.images, self.labels, job.train_idx, self.spec.training, gen)
         train_seconds = time.perf_counter() - start
         logits = predict_logits(model, self.images, self.spec.queries, self.spec.training.eval_batch_size)
-        return self._commit(job, model, logits, train_seconds, time.perf_counter() - start)
+        return self.commit(job, model, logits, train_seconds, time.perf_counter() - start)
 
     def run_batch(self, jobs: list[Job]) -> list[dict]:
         """Train several non-unlearned jobs at once with stacked weights (farm.batched) and commit each as
@@ -103,7 +103,7 @@ class Engine:
         logits = predict_stacked(stack, self.images, self.spec.queries, self.spec.training.eval_batch_size)
         seconds = (time.perf_counter() - start) / len(jobs)
         trained = stack.unstack(self.new_model())
-        return [self._commit(job, model, logits[i], train_seconds, seconds, batched=len(jobs))
+        return [self.commit(job, model, logits[i], train_seconds, seconds, batched=len(jobs))
                 for i, (job, model) in enumerate(zip(jobs, trained))]
 
     def batch_capacity(self) -> int:
@@ -126,8 +126,8 @@ class Engine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(1, min(AUTO_MAX_BATCH, 0.7 * free // per_model)))
 
-    def _commit(self, job: Job, model: torch.nn.Module, logits: np.ndarray, train_seconds: float,
-                seconds: float, batched: int = 1) -> dict:
+    def commit(self, job: Job, model: torch.nn.Module, logits: np.ndarray, train_seconds: float,
+               seconds: float, batched: int = 1, extra: dict | None = None) -> dict:
         """Check the outputs, then write weights (when kept), the logits file and the marker."""
         if not np.isfinite(logits).all():
             bad = int((~np.isfinite(logits)).any(axis=(1, 2)).sum())
@@ -151,6 +151,7 @@ class Engine:
         }
         if job.role == "unlearned":
             marker.update(self._timing(train_seconds))
+        marker.update(extra or {})
         return self.store.write_model(job.model_id, table, marker, weights)
 
     def _unlearn(self, model: torch.nn.Module, job: Job) -> torch.nn.Module:

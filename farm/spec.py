@@ -91,6 +91,7 @@ class ResourceSpec:
     cpus: float = 1.0  # per model (per actor)
     gpus: float = 0.0  # per model; fractions pack several actors on one GPU
     batch_models: int | str = 1  # models trained together with stacked weights per worker, or "auto"
+    workers_per_model: int = 1  # > 1: each model trained data-parallel across this many Ray Train workers
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ def validate(spec: Spec) -> None:
     if r.batch_models != "auto" and (isinstance(r.batch_models, bool) or not isinstance(r.batch_models, int)
                                      or r.batch_models < 1):
         raise SpecError(f"resources.batch_models must be a positive integer or 'auto', got {r.batch_models!r}")
+    _positive_int(r.workers_per_model, "resources.workers_per_model")
     if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")
     if spec.time_cutoff is not None and not spec.time_cutoff > 0:

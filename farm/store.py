@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +55,25 @@ def _s3_filesystem(region: str | None = None) -> tuple[pafs.S3FileSystem, str]:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
     return pafs.S3FileSystem(**kwargs), endpoint or "AWS S3"
+
+
+TRANSIENT = ("SLOW_DOWN", "SlowDown", "Throttl", "503", "RequestTimeout", "InternalError", "ServiceUnavailable")
+
+
+def _retry_transient(fn, what: str):
+    """Call fn, retrying S3 throttling and transient server errors with exponential back-off (on top of
+    the SDK's own few attempts, which a sustained SlowDown outlasts). Other errors pass through at once."""
+    attempts = int(os.environ.get("UFARM_S3_RETRIES", 8))
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or not any(t in str(exc) for t in TRANSIENT) \
+                    or attempt == attempts - 1:
+                raise
+            delay = min(8.0, 0.25 * 2 ** attempt)  # deterministic: no jitter, runs stay reproducible
+            logging.getLogger("ufarm").warning("%s: %s; retrying in %.2f s", what, _first_line(exc), delay)
+            time.sleep(delay)
 
 
 @dataclass
@@ -108,9 +129,10 @@ class RunStore:
         """Atomic from a reader's point of view (see the module docstring)."""
         target = self.path(rel)
         if self.is_s3:
-            with self.fs.open_output_stream(target) as out:
-                out.write(data)
-            return
+            def put():
+                with self.fs.open_output_stream(target) as out:
+                    out.write(data)
+            return _retry_transient(put, f"writing {self.uri}/{rel}")
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         tmp = f"{folder}/{TMP_TAG}{uuid.uuid4().hex}-{os.path.basename(target)}"
@@ -119,9 +141,11 @@ class RunStore:
         os.replace(tmp, target)  # atomic: a reader sees the old state or the whole file
 
     def read_bytes(self, rel: str) -> bytes:
-        try:
+        def get():
             with self.fs.open_input_file(self.path(rel)) as fh:
                 return fh.read()
+        try:
+            return _retry_transient(get, f"reading {self.uri}/{rel}") if self.is_s3 else get()
         except FileNotFoundError:
             raise StoreError(f"{self.uri}/{rel} does not exist") from None
 
