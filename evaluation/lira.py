@@ -95,15 +95,15 @@ def _pooled_std(ssd, n):
     return np.sqrt(ssd.sum() / total) if total > 0 else np.nan
 
 
-def _score(mode, x, mu_in, sd_in, mu_out, sd_out):
-    """Per-query scores (see module docstring) -> mean over the last axis."""
+def _score(mode, x, mu_in, sd_in, mu_out, sd_out, query_axis=-1):
+    """Per-query scores (see module docstring) -> mean over the query axis."""
     if mode == "online":
         zi = (x - mu_in) / (sd_in + _STD_GUARD)
         zo = (x - mu_out) / (sd_out + _STD_GUARD)
         s = (-0.5 * zi * zi - np.log(sd_in + _STD_GUARD)) - (-0.5 * zo * zo - np.log(sd_out + _STD_GUARD))
     else:
         s = log_ndtr((x - mu_out) / (sd_out + _STD_GUARD))
-    return s.mean(axis=-1)
+    return s.mean(axis=query_axis)
 
 
 def _as_eq(a, name, ndim_plain):
@@ -317,23 +317,8 @@ def _loo_chunk(xs, mk, mode, pooled):
             sd = np.where(is_member, sd, sd_full)
         stats[side] = (mu, sd)
     mu_out, sd_out = stats["out"]
-    if mode == "online":
-        mu_in, sd_in = stats["in"]
-        s = _score_q_first(mode, x, mu_in, sd_in, mu_out, sd_out)
-    else:
-        s = _score_q_first(mode, x, None, None, mu_out, sd_out)
-    return s
-
-
-def _score_q_first(mode, x, mu_in, sd_in, mu_out, sd_out):
-    """Like _score but with the query axis at position 1 ([C, Q, M] -> [C, M])."""
-    if mode == "online":
-        zi = (x - mu_in) / (sd_in + _STD_GUARD)
-        zo = (x - mu_out) / (sd_out + _STD_GUARD)
-        s = (-0.5 * zi * zi - np.log(sd_in + _STD_GUARD)) - (-0.5 * zo * zo - np.log(sd_out + _STD_GUARD))
-    else:
-        s = log_ndtr((x - mu_out) / (sd_out + _STD_GUARD))
-    return s.mean(axis=1)
+    mu_in, sd_in = stats["in"] if mode == "online" else (None, None)
+    return _score(mode, x, mu_in, sd_in, mu_out, sd_out, query_axis=1)
 
 
 # ----------------------------------------------------------------------------- ROC
