@@ -223,6 +223,11 @@ def markdown(rep: dict) -> str:
         if "ratio" in cost:
             L.append(f"- cost: unlearning {_fmt(cost['unlearn_seconds_mean'], 2)} s vs retraining "
                      f"{_fmt(cost['retrain_seconds_mean'], 2)} s per model: ratio {_fmt(cost['ratio'])}")
+        if "time_cutoff" in cost:
+            L.append(f"- time cut-off {_fmt(cost['time_cutoff'])} of retraining: "
+                     f"{len(cost['over_time_cutoff'])} of {m['n_unlearned']} models over it"
+                     + (f" ({', '.join(cost['over_time_cutoff'][:5])}{' ...' if len(cost['over_time_cutoff']) > 5 else ''})"
+                        if cost["over_time_cutoff"] else ""))
         if m.get("most_leaking"):
             L.append("- most leaking forget examples: " + ", ".join(
                 f"{x['example_id']} (eps {_fmt(x['epsilon'], 2)})" for x in m["most_leaking"]))

@@ -108,7 +108,8 @@ def print_status(uri: str) -> dict:
     for model_id, error in s["failed"].items():
         print(f"failed {model_id}: {error}")
     if s["other_models"]:
-        print(f"{len(s['other_models'])} more models in the store come from earlier specs of this run")
+        print(f"{len(s['other_models'])} more models in the store are not in this spec's plan "
+              "(Tune trials, or methods and counts of earlier specs of this run)")
     return s
 
 

@@ -32,6 +32,7 @@ def base_store(tmp_path_factory):
     raw["counts"] = {"original": 1, "retrain": 6, "shadow": 4}
     raw["unlearn"][0]["count"] = 4
     raw["forget"]["fraction"] = 0.04  # 58 forget examples keep the epsilon searches short
+    raw["time_cutoff"] = 0.3  # the report marks unlearned models slower than 0.3 x mean retraining time
     uri = str(tmp_path_factory.mktemp("report") / "run")
     result = run_local(prepare_run(spec_from_dict(raw), uri), progress=False)
     assert not result.failed and len(result.trained) == 15
@@ -82,6 +83,7 @@ def test_report_files_and_fields(base_store, report):
     assert set(report["utility"]) == {"original", "retrain", "shadow", f"unlearned:{key}"}
     md = open(os.path.join(folder, "report.md")).read()
     assert "LiRA online" in md and "forgetting quality F" in md and "![LiRA ROC](lira_roc.png)" in md
+    assert "- time cut-off 0.300 of retraining: " in md
 
 
 def test_numbers_equal_direct_computation(base_store, report):
@@ -145,6 +147,9 @@ def test_numbers_equal_direct_computation(base_store, report):
     ratio = np.mean([markers[i]["train_seconds"] for i in u.model_ids]) / np.mean(
         [markers[i]["train_seconds"] for i in r.model_ids])
     assert m["cost"]["ratio"] == pytest.approx(ratio)
+    mean_r = np.mean([markers[i]["train_seconds"] for i in r.model_ids])
+    over = [i for i in u.model_ids if markers[i]["train_seconds"] / mean_r > 0.3]
+    assert m["cost"]["time_cutoff"] == 0.3 and sorted(m["cost"]["over_time_cutoff"]) == sorted(over)
 
 
 def test_max_examples_method_filter_and_out_folder(base_store, tmp_path):
