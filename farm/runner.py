@@ -225,7 +225,9 @@ def ensure_ray(address: str | None = None) -> None:
     kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
     if address is None:
         kwargs.update(include_dashboard=False)
-    # the workers import this package from the driver's environment
+    env = forwarded_env()
+    if env:  # every worker of this job (actors, Ray Train workers, Tune trials) sees the driver's S3 settings
+        kwargs.update(runtime_env={"env_vars": env})
     ray.init(**kwargs)
 
 
@@ -282,7 +284,9 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
     ensure_ray(address)
     res = prep.spec.resources
     threads = max(1, int(res.cpus))
-    env = forwarded_env()  # an empty runtime_env lets Ray use its prestarted worker processes
+    # also per actor, for a Ray that the caller initialised without them; an empty runtime_env lets Ray
+    # use its prestarted worker processes
+    env = forwarded_env()
     Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0,
                        **({"runtime_env": {"env_vars": env}} if env else {}))(FarmWorker)
     ctx_ref = ray.put(prep.context())
