@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-from tqdm import tqdm
 
 from .datasets import Dataset, load_dataset
 from .engine import RunContext
@@ -113,6 +112,8 @@ class _Scheduler:
         self.waiting: list[Job] = []
         for job in prep.pending:
             (self.waiting if job.parent and job.parent not in self.done else self.queue).append(job)
+        from tqdm import tqdm  # here: the engine and planning import this module on machines without tqdm
+
         self.bar = tqdm(total=len(prep.plan.jobs), initial=len(prep.done), unit="model", desc=prep.spec.name,
                         disable=not progress, dynamic_ncols=True)
 
@@ -175,7 +176,7 @@ class _Scheduler:
             "role": job.role, "error": message, "traceback": tb,
             "attempts": self.attempts.get(job.model_id, 0), "worker_deaths": self.deaths.get(job.model_id, 0),
             "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        tqdm.write(f"ufarm: {job.model_id} failed: {message}")
+        self.bar.write(f"ufarm: {job.model_id} failed: {message}")
         self.release_waiting()
 
     def finish(self, started: float) -> RunResult:

@@ -14,7 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "arrays")
 ARCHS = ("small-cnn", "resnet18")
@@ -142,6 +141,8 @@ def load_spec(spec: str | Path | dict) -> Spec:
     """A spec from a dict, a YAML path, or the name of a preset shipped in farm/presets."""
     if isinstance(spec, dict):
         return spec_from_dict(spec)
+    import yaml  # here, not at the top: the engine runs from dict specs on machines without PyYAML
+
     text = str(spec)
     path = Path(text)
     if path.is_file():

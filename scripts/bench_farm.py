@@ -66,7 +66,7 @@ def bench_runner(spec_name: str, quick: bool) -> None:
             print(f"  runner / {label}: {ray_rate / rate:.2f}x")
 
 
-def bench_batched(preset: str, n_models: int, k: int, epochs: int | None) -> None:
+def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: str | None = None) -> None:
     import torch
 
     from farm.engine import Engine
@@ -79,6 +79,8 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None) -> Non
     d["outputs"] = {"keep_logits": False, "keep_weights": False}
     if epochs:
         d["training"]["epochs"] = epochs
+    if data:
+        d["dataset"]["path"] = data
     spec = spec_from_dict(d)
     tmp = tempfile.mkdtemp(prefix="bench-batched-")
     threads = None if torch.cuda.is_available() else os.cpu_count()
@@ -186,6 +188,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits-demo", help="preset for the batched benchmark "
                     "(fashion-mnist for the GPU figures)")
     ap.add_argument("--models", type=int, default=None, help="models in the batched benchmark")
+    ap.add_argument("--data", help="dataset folder for the batched benchmark (e.g. a carried fashion-mnist copy)")
     ap.add_argument("--k", type=int, default=None, help="models per stacked batch")
     args = ap.parse_args()
     import torch
@@ -197,7 +200,7 @@ def main() -> None:
         n = args.models or (8 if args.quick else 256 if gpu else 16)
         k = args.k or (256 if gpu else 8)
         print(f"[batched] {args.dataset}: {n} shadow models, stacked K={k} vs one at a time (+1 warm-up each)")
-        bench_batched(args.dataset, n, k, 2 if args.quick else None)
+        bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data)
     if args.only in (None, "runner"):
         print("[runner] digits-demo models: Ray runner vs plain in-process loop")
         bench_runner("digits-demo", args.quick)
