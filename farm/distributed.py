@@ -86,7 +86,9 @@ def run_distributed(prep: PreparedRun, workers: int, *, use_gpu: bool, progress:
     ensure_ray(address)
     res = prep.spec.resources
     ctx_ref = ray.put(prep.context())
-    storage = tempfile.mkdtemp(prefix="ufarm-train-")  # Ray Train's own bookkeeping, not the run store
+    # Ray Train's own bookkeeping, not the run store; removed when the run ends
+    scratch = tempfile.TemporaryDirectory(prefix="ufarm-train-")
+    storage = scratch.name
     left = [j for j in list(sched.queue) + sched.waiting if j.role not in PLAN_ROLES]
     if left:  # unlearned models fit one worker by construction of the use case; they stay pending
         log.warning("%d unlearned models are left for a run with resources.workers_per_model: 1", len(left))
@@ -107,4 +109,5 @@ def run_distributed(prep: PreparedRun, workers: int, *, use_gpu: bool, progress:
             sched.raised(job, exc, traceback.format_exc())
         else:
             sched.succeeded(job)
+    scratch.cleanup()
     return sched.finish(started)

@@ -22,21 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from evaluation.competition import per_example_epsilons  # noqa: E402
+from evaluation.competition import per_example_epsilons, single_thresholds  # noqa: E402
 from evaluation.lira import lira_leave_one_out  # noqa: E402
-
-
-def torch_like_linspace_f32(lo, hi, n):
-    if n <= 0:
-        return np.empty(0)
-    s = np.float32(lo)
-    if n == 1:
-        return np.array([float(s)])
-    e = np.float32(hi)
-    step = np.float32((e - s) / np.float32(n - 1))
-    i = np.arange(n)
-    v = np.where(i < n // 2, float(s) + float(step) * i, float(e) - float(step) * (n - 1 - i))
-    return v.astype(np.float32).astype(np.float64)
 
 
 def eps_loop(unlearned, retrained, delta=1e-5):
@@ -58,7 +45,7 @@ def eps_loop(unlearned, retrained, delta=1e-5):
         pp_p = (lefts <= dpos[:, None]) & (dpos[:, None] <= rr)
         pp_n = (lefts <= dneg[:, None]) & (dneg[:, None] <= rr)
         allc = np.concatenate([pos, neg])
-        ts = torch_like_linspace_f32(allc.min(), allc.max(), int(np.ceil(np.ptp(allc) * 100)))
+        ts = single_thresholds(allc.min(), allc.max())  # the released float32 grid
         fpr = np.concatenate([pp_n.mean(0), (neg[:, None] >= ts).mean(0)])
         fnr = np.concatenate([(~pp_p).mean(0), (pos[:, None] < ts).mean(0)])
         with np.errstate(divide="ignore", invalid="ignore"):
