@@ -11,6 +11,13 @@ loss is the sum of the K models' mean losses, so the gradient of the stacked ten
 gradient; SGD with momentum and weight decay is elementwise, so one torch.optim.SGD over the stacked
 tensors is K independent optimisers.
 
+Two ways to run the stacked forward pass, with the same parameters and the same results up to rounding:
+- farm.models' SmallCNN runs as grouped convolutions on activations laid out [B, K*C, H, W] (model k owns
+  channels k*C .. k*C + C - 1): each conv is one cuDNN call with groups=K, the first conv of a shared input
+  (prediction) is one ordinary conv with K*C filters, and the last linear layer is one batched product.
+  On a GPU the activations are kept channels-last, which cuDNN's grouped kernels prefer;
+- any other buffer-free module goes through torch.func.vmap(functional_call), which is generic.
+
 Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
 length with zero-weight entries at the end of each epoch's last batch. Only models without buffers
 (no BatchNorm running statistics) can be stacked; farm.models' small-cnn has none, ResNet-18 does and is
@@ -23,10 +30,16 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from .models import SmallCNN
 from .spec import TrainingSpec
-from .training import apply_query, augment_batch
+from .training import apply_query, augment_batch, autocast
+
+
+PREDICT_PAIRS = 32_768  # image-model pairs per prediction chunk: about 5 GB of float32 activations for SmallCNN
 
 
 def can_stack(model: torch.nn.Module) -> bool:
@@ -51,12 +64,42 @@ class StackedModels:
 
         self._per_model_batch = vmap(one, in_dims=(0, 0))  # x: [K, B, ...]
         self._shared_batch = vmap(one, in_dims=(0, None))  # x: [B, ...], the same inputs for all models
+        self.grouped = isinstance(models[0], SmallCNN)
+        self.channels_last = True  # for grouped convs on a GPU (scripts/bench_stacked_step.py measures both)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, B, n_classes] logits of model k on its own inputs x[k] (x: [K, B, C, H, W])."""
+        if self.grouped:
+            return self._grouped(x.transpose(0, 1).flatten(1, 2), groups_first=self.k)
         return self._per_model_batch(self.params, x)
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, B, n_classes] logits of every model on the same inputs x: [B, C, H, W]."""
+        if self.grouped:
+            return self._grouped(x, groups_first=1)
         return self._shared_batch(self.params, x)
+
+    def _grouped(self, h: torch.Tensor, groups_first: int) -> torch.Tensor:
+        """SmallCNN's forward for all K models at once on h: [B, G*C, H, W] (G = groups_first: K when every
+        model has its own inputs, 1 when they share them)."""
+        if h.is_cuda and self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        groups = groups_first
+        for i, layer in enumerate(self.base.features):
+            if isinstance(layer, nn.Conv2d):
+                w, b = self.params[f"features.{i}.weight"], self.params[f"features.{i}.bias"]
+                h = F.conv2d(h, w.flatten(0, 1), b.flatten(), stride=layer.stride, padding=layer.padding,
+                             groups=groups)
+                groups = self.k
+            elif isinstance(layer, nn.ReLU):
+                h = F.relu(h)
+            elif isinstance(layer, nn.MaxPool2d):
+                h = F.max_pool2d(h, layer.kernel_size, layer.stride)
+            else:
+                raise TypeError(f"grouped SmallCNN forward has no rule for {type(layer).__name__}")
+        feats = h.mean(dim=(2, 3)).view(h.shape[0], self.k, -1)  # [B, K, F]
+        w, b = self.params["fc.weight"], self.params["fc.bias"]  # [K, n_classes, F], [K, n_classes]
+        return torch.einsum("bkf,kcf->kbc", feats, w) + b[:, None, :]
 
     def unstack(self, template: torch.nn.Module) -> list[torch.nn.Module]:
         """K ordinary modules with the trained weights (for storing weights or running a method)."""
@@ -88,15 +131,17 @@ def train_stacked(stack: StackedModels, images: torch.Tensor, labels: torch.Tens
         orders = torch.full((k, n_max), -1, dtype=torch.long)
         for i in range(k):
             orders[i, : sizes[i]] = sets[i][torch.randperm(sizes[i], generator=gens[i])]
+        orders = orders.to(device)  # once per epoch: a host copy every step would stall the GPU queue
         for start in range(0, n_max, cfg.batch_size):
             idx = orders[:, start:start + cfg.batch_size]  # [K, B]
-            valid = (idx >= 0).to(device)
-            safe = idx.clamp(min=0).to(device)
+            valid = idx >= 0
+            safe = idx.clamp(min=0)
             x, y = images[safe], labels[safe]  # [K, B, C, H, W], [K, B]
             if cfg.augment:
                 x = torch.stack([augment_batch(x[i], gens[i]) for i in range(k)])
-            logits = stack.forward(x)  # [K, B, n_classes]
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+            with autocast(device, cfg.precision):
+                logits = stack.forward(x)  # [K, B, n_classes]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
             loss = loss.view(k, -1) * valid
             per_model = loss.sum(1) / valid.sum(1).clamp(min=1)
             opt.zero_grad(set_to_none=True)
@@ -107,10 +152,22 @@ def train_stacked(stack: StackedModels, images: torch.Tensor, labels: torch.Tens
 
 @torch.no_grad()
 def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[str, ...],
-                    batch_size: int) -> np.ndarray:
-    """float32 [K, N, Q, C]: every model's logits for every example under every query."""
-    outs = []
+                    batch_size: int, precision: str = "fp32") -> np.ndarray:
+    """float32 [K, N, Q, C]: every model's logits for every example under every query.
+
+    A chunk holds at most PREDICT_PAIRS image-model pairs (batch_size images for few models, fewer for
+    many): activations grow with both, and K=256 models x 4,096 images would not fit on any card."""
+    out = None
+    batch_size = max(1, min(batch_size, PREDICT_PAIRS // stack.k))
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
-        outs.append(torch.stack([stack.forward_shared(apply_query(x, q)) for q in queries], dim=2).float().cpu())
-    return torch.cat(outs, dim=1).numpy()
+        for qi, q in enumerate(queries):
+            with autocast(images.device, precision):
+                logits = stack.forward_shared(apply_query(x, q))
+            if out is None:  # host memory for all of it, pinned on a GPU so the copies run asynchronously
+                out = torch.empty((stack.k, len(images), len(queries), logits.shape[-1]), dtype=torch.float32,
+                                  pin_memory=images.is_cuda)
+            out[:, start:start + len(x), qi].copy_(logits.float(), non_blocking=True)
+    if images.is_cuda:
+        torch.cuda.synchronize(images.device)  # the non-blocking copies into pinned memory must land first
+    return out.numpy()

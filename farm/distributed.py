@@ -29,7 +29,7 @@ def _train_loop(config: dict) -> None:
     import torch
 
     from .engine import Engine
-    from .training import augment_batch, predict_logits, set_determinism
+    from .training import augment_batch, autocast, predict_logits, set_determinism
 
     ctx, job = ray.get(config["ctx"]), config["job"]
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -57,14 +57,16 @@ def _train_loop(config: dict) -> None:
                 if cfg.augment:
                     x = augment_batch(x, gen)
                 # weighted by the share, DDP's gradient average is the mean over the global batch
-                (loss_fn(model(x), y) * (len(mine) * world / len(batch))).backward()
+                with autocast(engine.device, cfg.precision):
+                    out = model(x)
+                (loss_fn(out.float(), y) * (len(mine) * world / len(batch))).backward()
             opt.step()
             sched.step()
     if rank == 0:
         net = model.module if hasattr(model, "module") else model
         net.eval()
         train_seconds = time.perf_counter() - start
-        logits = predict_logits(net, engine.images, ctx.spec.queries, cfg.eval_batch_size)
+        logits = predict_logits(net, engine.images, ctx.spec.queries, cfg.eval_batch_size, cfg.precision)
         engine.commit(job, net, logits, train_seconds, time.perf_counter() - start,
                       extra={"data_parallel_workers": world})
     ray.train.report({"done": 1})

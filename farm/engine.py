@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +29,7 @@ from .training import (accuracy, make_loader, predict_logits, set_determinism, t
 
 AUTO_CPU_BATCH = 8  # measured on 2 cores: stacking 8 digits CNNs beats one at a time (docs/benchmarks.md)
 AUTO_MAX_BATCH = 256
+COMMIT_THREADS = min(8, os.cpu_count() or 1)
 
 
 class MethodOutputError(RuntimeError):
@@ -62,7 +65,7 @@ class Engine:
         self.ctx = ctx
         self.spec = ctx.spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        use_deterministic_kernels(self.device)
+        use_deterministic_kernels(self.device, ctx.spec.resources.gpu_kernels)
         self.images = torch.tensor(ctx.images, device=self.device)  # a copy: object-store arrays are read-only
         self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
         self.store = RunStore(ctx.store_uri)
@@ -84,7 +87,8 @@ class Engine:
         else:
             train_model(model, self.images, self.labels, job.train_idx, self.spec.training, gen)
         train_seconds = time.perf_counter() - start
-        logits = predict_logits(model, self.images, self.spec.queries, self.spec.training.eval_batch_size)
+        cfg = self.spec.training
+        logits = predict_logits(model, self.images, self.spec.queries, cfg.eval_batch_size, cfg.precision)
         return self.commit(job, model, logits, train_seconds, time.perf_counter() - start)
 
     def run_batch(self, jobs: list[Job]) -> list[dict]:
@@ -100,11 +104,17 @@ class Engine:
         stack = StackedModels(models)
         train_stacked(stack, self.images, self.labels, [j.train_idx for j in jobs], self.spec.training, gens)
         train_seconds = (time.perf_counter() - start) / len(jobs)
-        logits = predict_stacked(stack, self.images, self.spec.queries, self.spec.training.eval_batch_size)
+        cfg = self.spec.training
+        logits = predict_stacked(stack, self.images, self.spec.queries, cfg.eval_batch_size, cfg.precision)
         seconds = (time.perf_counter() - start) / len(jobs)
-        trained = stack.unstack(self.new_model())
-        return [self.commit(job, model, logits[i], train_seconds, seconds, batched=len(jobs))
-                for i, (job, model) in enumerate(zip(jobs, trained))]
+        # modules only where weights are stored (originals, keep_weights): K deep copies cost time otherwise
+        need_weights = self.spec.outputs.keep_weights or any(j.role == "original" for j in jobs)
+        trained = stack.unstack(self.new_model()) if need_weights else [None] * len(jobs)
+        # The commits (confidence, Parquet encoding, sha256, writes) release the GIL: run them side by side.
+        with ThreadPoolExecutor(max_workers=min(len(jobs), COMMIT_THREADS)) as pool:
+            futures = [pool.submit(self.commit, job, model, logits[i], train_seconds, seconds, batched=len(jobs))
+                       for i, (job, model) in enumerate(zip(jobs, trained))]
+            return [f.result() for f in futures]
 
     def batch_capacity(self) -> int:
         """How many models one stacked batch should hold here ("auto" in the spec): AUTO_CPU_BATCH on a CPU;
@@ -126,7 +136,7 @@ class Engine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(max(1, min(AUTO_MAX_BATCH, 0.7 * free // per_model)))
 
-    def commit(self, job: Job, model: torch.nn.Module, logits: np.ndarray, train_seconds: float,
+    def commit(self, job: Job, model: torch.nn.Module | None, logits: np.ndarray, train_seconds: float,
                seconds: float, batched: int = 1, extra: dict | None = None) -> dict:
         """Check the outputs, then write weights (when kept), the logits file and the marker."""
         if not np.isfinite(logits).all():
@@ -138,6 +148,7 @@ class Engine:
         table = logits_table(self.ctx.labels, logits, trained_on, forgotten, self.spec.outputs.keep_logits)
         weights = None
         if job.role == "original" or self.spec.outputs.keep_weights:
+            assert model is not None, "weights are kept for this model but no module was passed"
             buf = io.BytesIO()
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
             weights = buf.getvalue()

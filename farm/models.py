@@ -12,26 +12,26 @@ from farm.spec import ARCHS, ModelSpec, SpecError
 
 
 class SmallCNN(nn.Module):
-    """conv3x3(in, w) ReLU, conv3x3(w, 2w) ReLU, maxpool2, conv3x3(2w, 4w) ReLU, maxpool2, global mean, linear.
+    """conv3x3(in, w) ReLU, maxpool2, conv3x3(w, 2w) ReLU, maxpool2, conv3x3(2w, 4w) ReLU, global mean, linear.
 
-    No BatchNorm and no buffers: a later stage trains many copies at once with torch.func.vmap over
-    stacked parameters, which running statistics would break. A max-pool is only applied while the
-    feature map is at least 4 pixels wide, so 8x8 digits still work (8 -> 4 -> 2).
+    No BatchNorm and no buffers: many copies train at once over stacked parameters (farm.batched), which
+    running statistics would break. Pooling early keeps the arithmetic small: on 28x28 inputs at width 32
+    a forward pass is about 15 MFLOP (the two wide convs run at 14x14 and 7x7), a quarter of what the same
+    convs cost before pooling. A max-pool is only applied while the feature map is at least 4 pixels wide,
+    so 8x8 digits still work (8 -> 4 -> 2).
     """
 
     def __init__(self, in_channels: int, n_classes: int, image_size: int, width: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-        ]
-        size = image_size
-        if size >= 4:
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-        layers += [nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU()]
-        if size >= 4:
-            layers.append(nn.MaxPool2d(2))
+        layers: list[nn.Module] = []
+        size, channels = image_size, in_channels
+        for out in (width, 2 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
+            if size >= 4:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            channels = out
+        layers += [nn.Conv2d(channels, 4 * width, 3, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(4 * width, n_classes)
 

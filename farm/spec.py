@@ -17,6 +17,8 @@ from typing import Any
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "arrays")
 ARCHS = ("small-cnn", "resnet18")
+PRECISIONS = ("fp32", "bf16", "auto")
+GPU_KERNELS = ("deterministic", "autotuned")
 FORGET_KINDS = ("random", "classes", "groups")
 QUERIES = ("plain", "hflip", "shift")  # shift:DX,DY with integer pixel offsets
 ROLES = ("original", "retrain", "shadow", "unlearned")
@@ -58,6 +60,8 @@ class TrainingSpec:
     weight_decay: float = 5e-4
     augment: bool = False  # random crop (pad 2) and horizontal flip
     eval_batch_size: int = 1024
+    # fp32, or bf16 autocast (weights and optimiser stay float32); auto: bf16 on a GPU, fp32 on a CPU
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ class ResourceSpec:
     gpus: float = 0.0  # per model; fractions pack several actors on one GPU
     batch_models: int | str = 1  # models trained together with stacked weights per worker, or "auto"
     workers_per_model: int = 1  # > 1: each model trained data-parallel across this many Ray Train workers
+    # GPU only: "deterministic" kernels (the same bits on the same card and software) or cuDNN's "autotuned"
+    # ones (faster for some shapes, not bit-reproducible). CPU runs are deterministic either way.
+    gpu_kernels: str = "deterministic"
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,8 @@ def validate(spec: Spec) -> None:
     _positive_int(t.epochs, "training.epochs")
     _positive_int(t.batch_size, "training.batch_size")
     _positive_int(t.eval_batch_size, "training.eval_batch_size")
+    if t.precision not in PRECISIONS:
+        raise SpecError(f"training.precision {t.precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
     if not t.lr > 0:
         raise SpecError(f"training.lr must be positive, got {t.lr}")
     if not 0 <= t.momentum < 1:
@@ -331,6 +340,8 @@ def validate(spec: Spec) -> None:
     if r.batch_models != "auto" and (isinstance(r.batch_models, bool) or not isinstance(r.batch_models, int)
                                      or r.batch_models < 1):
         raise SpecError(f"resources.batch_models must be a positive integer or 'auto', got {r.batch_models!r}")
+    if r.gpu_kernels not in GPU_KERNELS:
+        raise SpecError(f"resources.gpu_kernels {r.gpu_kernels!r} is unknown; allowed: {', '.join(GPU_KERNELS)}")
     _positive_int(r.workers_per_model, "resources.workers_per_model")
     if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")

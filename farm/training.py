@@ -7,6 +7,7 @@ thread count gives the same weights and logits, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -24,12 +25,21 @@ def set_determinism(seed: int) -> torch.Generator:
     return gen
 
 
-def use_deterministic_kernels(device: torch.device) -> None:
-    """On CUDA, ask for deterministic kernels (cuDNN autotuning picks kernels by timing). CPU kernels are
-    already deterministic for a fixed thread count, and the flag costs seconds of imports there."""
+def use_deterministic_kernels(device: torch.device, kernels: str = "deterministic") -> None:
+    """On CUDA, "deterministic" asks for deterministic kernels; "autotuned" lets cuDNN pick kernels by
+    timing them (faster for some shapes, not bit-reproducible). CPU kernels are already deterministic for a
+    fixed thread count, and the flag costs seconds of imports there."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = kernels == "autotuned"
+        torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a forward pass runs in: bf16 autocast for "bf16" (and for "auto" on a GPU), else nothing.
+    Only the forward pass runs under it; losses are taken in float32 and the weights stay float32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -58,14 +68,16 @@ def train_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
     for _ in range(cfg.epochs):
-        order = idx[torch.randperm(len(idx), generator=gen)]
+        order = idx[torch.randperm(len(idx), generator=gen)].to(device)  # once an epoch, not every step
         for start in range(0, len(order), cfg.batch_size):
-            batch = order[start:start + cfg.batch_size].to(device)
+            batch = order[start:start + cfg.batch_size]
             x, y = images[batch], labels[batch]
             if cfg.augment:
                 x = augment_batch(x, gen)
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with autocast(device, cfg.precision):
+                out = model(x)
+            loss_fn(out.float(), y).backward()
             opt.step()
             sched.step()
     model.eval()
@@ -88,13 +100,15 @@ def apply_query(x: torch.Tensor, query: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, queries: tuple[str, ...],
-                   batch_size: int) -> np.ndarray:
+                   batch_size: int, precision: str = "fp32") -> np.ndarray:
     """float32 [N, Q, C]: the model's logits for every example under every query."""
     model.eval()
     outs = []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
-        outs.append(torch.stack([model(apply_query(x, q)) for q in queries], dim=1).float().cpu())
+        with autocast(images.device, precision):
+            logits = torch.stack([model(apply_query(x, q)) for q in queries], dim=1)
+        outs.append(logits.float().cpu())
     return torch.cat(outs).numpy()
 
 

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""ResNet-18 on one GPU: P worker processes sharing the card (what `resources.gpus: 1/P` gives under Ray)
+versus one, and the GPU-hours of the cifar10-resnet18 preset's evaluation set derived from the measurement.
+
+Every process runs the engine's own code (farm.training.train_model, predict_logits and the finetune
+method through the competition's DataLoader signature) on synthetic 32x32 CIFAR-shaped data: the time of
+a training step does not depend on the pixel values, and nothing is downloaded. Phases start together
+(a barrier); a phase's aggregate rate is P x images / (last finish - first start).
+
+ResNet-18 keeps BatchNorm running statistics, so it cannot be stacked like the small CNN (farm.batched);
+packing processes is the alternative this measures.
+
+    python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
+    python scripts/bench_packing.py --procs 1 2 --images 256 --precisions fp32   # smoke test on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+PHASES = ("train", "finetune", "predict")
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+
+
+def worker(rank: int, n: int, precision: str, barrier, queue) -> None:
+    import torch
+
+    from farm.methods import get_method
+    from farm.models import build_model
+    from farm.spec import ModelSpec, TrainingSpec
+    from farm.training import make_loader, predict_logits, train_model, use_deterministic_kernels
+
+    torch.set_num_threads(2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_deterministic_kernels(device)  # as farm.engine.Engine runs
+    gen = torch.Generator().manual_seed(rank)
+    images = torch.rand(n, 3, 32, 32, generator=gen).to(device)
+    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
+    cfg = TrainingSpec(epochs=1, batch_size=128, lr=0.1, augment=True, eval_batch_size=2048, precision=precision)
+    torch.manual_seed(rank)
+    model = build_model(ModelSpec(arch="resnet18"), 3, 10, 32).to(device)
+    finetune = get_method("finetune").fn
+    queries = ("plain", "hflip")
+
+    def run(phase: str, count: int) -> None:
+        idx = np.arange(count)
+        if phase == "train":
+            train_model(model, images, labels, idx, cfg, gen)
+        elif phase == "finetune":
+            finetune(model, make_loader(images, labels, idx, 128, True, rank), None, None, lr=0.01, epochs=1)
+        else:
+            predict_logits(model, images[:count], queries, cfg.eval_batch_size, precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for phase in PHASES:  # warm-up: kernels chosen, allocator grown
+        run(phase, min(n, 512))
+    times = {}
+    for phase in PHASES:
+        barrier.wait()
+        t0 = time.time()
+        run(phase, n)
+        times[phase] = (t0, time.time())
+    queue.put(times)
+
+
+def measure(procs: int, n: int, precision: str) -> dict[str, float]:
+    """Aggregate images per second per phase for `procs` processes sharing the device."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=worker, args=(r, n, precision, barrier, queue)) for r in range(procs)]
+    for p in ps:
+        p.start()
+    results = [queue.get() for _ in ps]
+    for p in ps:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"a worker exited with {p.exitcode}")
+    return {ph: procs * n / (max(r[ph][1] for r in results) - min(r[ph][0] for r in results)) for ph in PHASES}
+
+
+def main() -> None:
+    import torch
+
+    from farm.spec import load_spec
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--images", type=int, default=25_600, help="images per process per phase")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    args = ap.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
+    print(f"device: {device}, torch {torch.__version__}; ResNet-18, batch 128, {args.images} images per process")
+    rates = {}
+    for precision in args.precisions:
+        for p in args.procs:
+            rates[precision, p] = r = measure(p, args.images, precision)
+            print(f"  {precision:<5} P={p}: train {r['train']:8.0f} img/s | finetune (DataLoader) "
+                  f"{r['finetune']:8.0f} img/s | predict x2 queries {r['predict']:8.0f} img/s", flush=True)
+    for precision in args.precisions:
+        one = rates[precision, args.procs[0]]["train"]
+        print(f"  {precision}: train rate vs P={args.procs[0]}: " + ", ".join(
+            f"P={p} {rates[precision, p]['train'] / one:.2f}x" for p in args.procs))
+
+    # GPU-hours of the preset's evaluation set (retrained + unlearned models), from the best measured packing
+    spec = load_spec("cifar10-resnet18")
+    retain = int(CIFAR_TRAIN * (1 - spec.forget.fraction))
+    method = spec.unlearn[0]
+    n_retrain, n_unlearned = spec.count("retrain"), method.count
+    for precision in args.precisions:
+        best_p = max(args.procs, key=lambda p: rates[precision, p]["train"])
+        r = rates[precision, best_p]
+        predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]
+        retrain_s = spec.training.epochs * retain / r["train"] + predict_s
+        unlearn_s = method.hparams.get("epochs", 1) * retain / r["finetune"] + predict_s
+        hours = (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600
+        print(f"  sizing ({precision}, P={best_p} per GPU): one retrain ({spec.training.epochs} epochs x {retain} "
+              f"images + predicting {CIFAR_TRAIN + CIFAR_TEST}) {retrain_s:.1f} GPU-s; one {method.method} "
+              f"({method.hparams.get('epochs', 1)} epochs) {unlearn_s:.1f} GPU-s; {n_retrain} + {n_unlearned} "
+              f"models: {hours:.2f} GPU-hours")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""One stacked training step of the preset's CNN (K models x batch B on 28x28 inputs), in several variants,
+to choose how farm.batched runs on a GPU: grouped convolutions (channels-last or not) versus vmap, fp32
+versus bf16 autocast, deterministic cuDNN kernels versus autotuned ones. Prints ms per step, model-steps per
+second and the arithmetic rate reached (3 x the forward FLOPs, counted from the layer shapes).
+
+    python scripts/bench_stacked_step.py             # K=256, B=256 (a GPU)
+    python scripts/bench_stacked_step.py --k 4 --b 32 --steps 2   # smoke test on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def forward_flops(model: torch.nn.Module, size: int) -> int:
+    """Multiply-adds x 2 of one forward pass on a [1, C, size, size] input, from the conv and linear shapes."""
+    flops, hooks = [0], []
+
+    def conv_hook(mod, inp, out):
+        flops[0] += 2 * out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+
+    def linear_hook(mod, inp, out):
+        flops[0] += 2 * out.numel() * mod.in_features
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    with torch.no_grad():
+        model(torch.zeros(1, model.features[0].in_channels, size, size))
+    for h in hooks:
+        h.remove()
+    return flops[0]
+
+
+def main() -> None:
+    from farm.batched import StackedModels
+    from farm.models import build_model
+    from farm.spec import ModelSpec
+    from farm.training import autocast
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--b", type=int, default=256)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    spec = ModelSpec(arch="small-cnn", width=args.width)
+    per_model = forward_flops(build_model(spec, 1, 10, 28), 28)
+    print(f"K={args.k} models x B={args.b} images of 28x28; forward {per_model / 1e6:.1f} MFLOP per image")
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(args.k, args.b, 1, 28, 28, generator=gen).to(device)
+    labels = torch.randint(0, 10, (args.k, args.b), generator=gen).to(device)
+    rows = []
+    variants = itertools.product(("grouped-cl", "grouped", "vmap"), ("fp32", "bf16"), ("deterministic", "autotuned"))
+    for impl, precision, kernels in variants:
+        if device.type == "cpu" and (kernels == "autotuned" or impl == "grouped-cl"):
+            continue  # the same code as another row on a CPU
+        torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
+        torch.backends.cudnn.benchmark = kernels == "autotuned"
+        torch.manual_seed(0)
+        stack = StackedModels([build_model(spec, 1, 10, 28).to(device) for _ in range(args.k)])
+        stack.grouped = impl != "vmap"
+        stack.channels_last = impl == "grouped-cl"
+        opt = torch.optim.SGD(list(stack.params.values()), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+        def step():
+            with autocast(device, precision):
+                logits = stack.forward(images)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        try:
+            for _ in range(3):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / args.steps * 1e3
+        except Exception as exc:  # a variant the backend cannot run: say so and go on
+            print(f"  {impl:<10} {precision:<5} {kernels:<13} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        tflops = 3 * per_model * args.k * args.b / (ms / 1e3) / 1e12
+        rows.append((impl, precision, kernels, ms, args.k / ms * 1e3, tflops))
+        print(f"  {impl:<10} {precision:<5} {kernels:<13} {ms:8.2f} ms/step  {args.k / ms * 1e3:9.0f} model-steps/s "
+              f"{tflops:7.1f} TFLOP/s", flush=True)
+        del stack, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    best = min(rows, key=lambda r: r[3])
+    print(f"fastest: {best[0]} {best[1]} {best[2]}: {best[3]:.2f} ms/step; "
+          f"one epoch of 30,000 examples at this batch: {best[3] * 30000 / args.b / 1e3:.2f} s for {args.k} models")
+
+
+if __name__ == "__main__":
+    main()
