@@ -11,12 +11,9 @@ loss is the sum of the K models' mean losses, so the gradient of the stacked ten
 gradient; SGD with momentum and weight decay is elementwise, so one torch.optim.SGD over the stacked
 tensors is K independent optimisers.
 
-Two ways to run the stacked forward pass, with the same parameters and the same results up to rounding:
-- farm.models' SmallCNN runs as grouped convolutions on activations laid out [B, K*C, H, W] (model k owns
-  channels k*C .. k*C + C - 1): each conv is one cuDNN call with groups=K, the first conv of a shared input
-  (prediction) is one ordinary conv with K*C filters, and the last linear layer is one batched product.
-  On a GPU the activations are kept channels-last, which cuDNN's grouped kernels prefer;
-- any other buffer-free module goes through torch.func.vmap(functional_call), which is generic.
+The stacked forward pass: farm.models' SmallCNN runs through farm.stacked_cnn's batched products or
+grouped convolutions (layout chosen by measurement); any other buffer-free module goes through
+torch.func.vmap(functional_call), which is generic.
 
 Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
 length with zero-weight entries at the end of each epoch's last batch. Only models without buffers
@@ -35,10 +32,13 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .models import SmallCNN
+from .stacked_cnn import forward_bmm, forward_grouped
 from .spec import TrainingSpec
 from .training import apply_query, augment_batch, autocast
 
 
+# The stacked SmallCNN layout per device type (farm.stacked_cnn), chosen by scripts/bench_stacked_step.py
+DEFAULT_LAYOUT = {"cuda": "bmm", "cpu": "grouped"}
 PREDICT_PAIRS = 32_768  # image-model pairs per prediction chunk: about 5 GB of float32 activations for SmallCNN
 
 
@@ -64,42 +64,25 @@ class StackedModels:
 
         self._per_model_batch = vmap(one, in_dims=(0, 0))  # x: [K, B, ...]
         self._shared_batch = vmap(one, in_dims=(0, None))  # x: [B, ...], the same inputs for all models
-        self.grouped = isinstance(models[0], SmallCNN)
-        self.channels_last = True  # for grouped convs on a GPU (scripts/bench_stacked_step.py measures both)
+        # "bmm" | "grouped" (farm.stacked_cnn) for SmallCNN, else "vmap"; scripts/bench_stacked_step.py times them
+        device = next(models[0].parameters()).device.type
+        self.layout = DEFAULT_LAYOUT.get(device, "grouped") if isinstance(models[0], SmallCNN) else "vmap"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, n_classes] logits of model k on its own inputs x[k] (x: [K, B, C, H, W])."""
-        if self.grouped:
-            return self._grouped(x.transpose(0, 1).flatten(1, 2), groups_first=self.k)
+        if self.layout == "bmm":
+            return forward_bmm(self.base, self.params, x)
+        if self.layout == "grouped":
+            return forward_grouped(self.base, self.params, x, shared=False)
         return self._per_model_batch(self.params, x)
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, n_classes] logits of every model on the same inputs x: [B, C, H, W]."""
-        if self.grouped:
-            return self._grouped(x, groups_first=1)
+        if self.layout == "bmm":
+            return forward_bmm(self.base, self.params, x.expand(self.k, *x.shape))
+        if self.layout == "grouped":
+            return forward_grouped(self.base, self.params, x, shared=True)
         return self._shared_batch(self.params, x)
-
-    def _grouped(self, h: torch.Tensor, groups_first: int) -> torch.Tensor:
-        """SmallCNN's forward for all K models at once on h: [B, G*C, H, W] (G = groups_first: K when every
-        model has its own inputs, 1 when they share them)."""
-        if h.is_cuda and self.channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
-        groups = groups_first
-        for i, layer in enumerate(self.base.features):
-            if isinstance(layer, nn.Conv2d):
-                w, b = self.params[f"features.{i}.weight"], self.params[f"features.{i}.bias"]
-                h = F.conv2d(h, w.flatten(0, 1), b.flatten(), stride=layer.stride, padding=layer.padding,
-                             groups=groups)
-                groups = self.k
-            elif isinstance(layer, nn.ReLU):
-                h = F.relu(h)
-            elif isinstance(layer, nn.MaxPool2d):
-                h = F.max_pool2d(h, layer.kernel_size, layer.stride)
-            else:
-                raise TypeError(f"grouped SmallCNN forward has no rule for {type(layer).__name__}")
-        feats = h.mean(dim=(2, 3)).view(h.shape[0], self.k, -1)  # [B, K, F]
-        w, b = self.params["fc.weight"], self.params["fc.bias"]  # [K, n_classes, F], [K, n_classes]
-        return torch.einsum("bkf,kcf->kbc", feats, w) + b[:, None, :]
 
     def unstack(self, template: torch.nn.Module) -> list[torch.nn.Module]:
         """K ordinary modules with the trained weights (for storing weights or running a method)."""

@@ -108,7 +108,10 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
             seconds = time.perf_counter() - t0
             times[label] = seconds / len(jobs)
             acc = np.mean([m["accuracy"]["test"] for m in markers])
-            print(f"  {label:<16} {len(jobs)} models in {seconds:7.2f} s = {times[label]:.3f} s/model,"
+            train = np.mean([m["train_seconds"] for m in markers])
+            predict = np.mean([m["seconds"] for m in markers]) - train
+            print(f"  {label:<16} {len(jobs)} models in {seconds:7.2f} s = {times[label]:.3f} s/model"
+                  f" (train {train:.3f}, predict {predict:.3f}, commit {times[label] - train - predict:.3f}),"
                   f" mean test accuracy {acc:.4f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,11 +205,17 @@ def main() -> None:
     ap.add_argument("--baseline-models", type=int, default=None,
                     help="models the one-at-a-time baseline trains (default: all; 16 on a GPU)")
     ap.add_argument("--gpu-kernels", choices=("deterministic", "autotuned"), help="resources.gpu_kernels")
+    ap.add_argument("--layout", choices=("bmm", "grouped", "vmap"),
+                    help="stacked SmallCNN layout (farm.stacked_cnn; default: farm.batched's choice per device)")
     args = ap.parse_args()
     import torch
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    if args.layout:
+        import farm.batched
+
+        farm.batched.DEFAULT_LAYOUT = {"cuda": args.layout, "cpu": args.layout}
     if args.only in (None, "batched"):
         gpu = torch.cuda.is_available()
         n = args.models or (8 if args.quick else 256 if gpu else 16)

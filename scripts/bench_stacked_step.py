@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""One stacked training step of the preset's CNN (K models x batch B on 28x28 inputs), in several variants,
-to choose how farm.batched runs on a GPU: grouped convolutions (channels-last or not) versus vmap, fp32
-versus bf16 autocast, deterministic cuDNN kernels versus autotuned ones. Prints ms per step, model-steps per
-second and the arithmetic rate reached (3 x the forward FLOPs, counted from the layer shapes).
+"""One stacked training step of the preset's CNN (K models x batch B on 28x28 inputs), and one stacked
+prediction chunk, in several variants, to choose how farm.batched runs: the layouts of farm.stacked_cnn
+(batched products, grouped convolutions) and generic vmap, fp32 versus bf16 autocast, deterministic cuDNN
+kernels versus autotuned ones. Prints ms per training step, model-steps per second, the arithmetic rate
+reached (3 x the forward FLOPs, counted from the layer shapes), and ms per 1,000 image-model predictions.
+With --profile, the fastest variant's ten costliest kernels.
 
     python scripts/bench_stacked_step.py             # K=256, B=256 (a GPU)
     python scripts/bench_stacked_step.py --k 4 --b 32 --steps 2   # smoke test on a CPU
@@ -40,7 +42,7 @@ def forward_flops(model: torch.nn.Module, size: int) -> int:
 
 
 def main() -> None:
-    from farm.batched import StackedModels
+    from farm.batched import PREDICT_PAIRS, StackedModels
     from farm.models import build_model
     from farm.spec import ModelSpec
     from farm.training import autocast
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--b", type=int, default=256)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="kernel table of the fastest variant")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
@@ -60,19 +63,19 @@ def main() -> None:
     images = torch.rand(args.k, args.b, 1, 28, 28, generator=gen).to(device)
     labels = torch.randint(0, 10, (args.k, args.b), generator=gen).to(device)
     rows = []
-    variants = itertools.product(("grouped-cl", "grouped", "vmap"), ("fp32", "bf16"), ("deterministic", "autotuned"))
+    predict_x = torch.rand(max(1, PREDICT_PAIRS // args.k), 1, 28, 28, generator=gen).to(device)
+    variants = itertools.product(("bmm", "grouped", "vmap"), ("fp32", "bf16"), ("deterministic", "autotuned"))
     for impl, precision, kernels in variants:
-        if device.type == "cpu" and (kernels == "autotuned" or impl == "grouped-cl"):
+        if device.type == "cpu" and kernels == "autotuned":
             continue  # the same code as another row on a CPU
         torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
         torch.backends.cudnn.benchmark = kernels == "autotuned"
         torch.manual_seed(0)
         stack = StackedModels([build_model(spec, 1, 10, 28).to(device) for _ in range(args.k)])
-        stack.grouped = impl != "vmap"
-        stack.channels_last = impl == "grouped-cl"
+        stack.layout = impl
         opt = torch.optim.SGD(list(stack.params.values()), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
-        def step():
+        def step(stack=stack, opt=opt):
             with autocast(device, precision):
                 logits = stack.forward(images)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
@@ -83,27 +86,55 @@ def main() -> None:
         try:
             for _ in range(3):
                 step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             ms = (time.perf_counter() - t0) / args.steps * 1e3
+            with torch.no_grad(), autocast(device, precision):
+                stack.forward_shared(predict_x)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    stack.forward_shared(predict_x)
+                sync(device)
+            predict_ms = (time.perf_counter() - t0) / args.steps * 1e3 / (len(predict_x) * args.k) * 1e3
         except Exception as exc:  # a variant the backend cannot run: say so and go on
             print(f"  {impl:<10} {precision:<5} {kernels:<13} failed: {type(exc).__name__}: {str(exc)[:120]}")
             continue
         tflops = 3 * per_model * args.k * args.b / (ms / 1e3) / 1e12
-        rows.append((impl, precision, kernels, ms, args.k / ms * 1e3, tflops))
-        print(f"  {impl:<10} {precision:<5} {kernels:<13} {ms:8.2f} ms/step  {args.k / ms * 1e3:9.0f} model-steps/s "
-              f"{tflops:7.1f} TFLOP/s", flush=True)
-        del stack, opt
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        rows.append((impl, precision, kernels, ms, step))
+        print(f"  {impl:<8} {precision:<5} {kernels:<13} {ms:8.2f} ms/step {args.k / ms * 1e3:8.0f} model-steps/s "
+              f"{tflops:6.1f} TFLOP/s | predict {predict_ms:7.4f} ms per 1,000 pairs", flush=True)
     best = min(rows, key=lambda r: r[3])
     print(f"fastest: {best[0]} {best[1]} {best[2]}: {best[3]:.2f} ms/step; "
           f"one epoch of 30,000 examples at this batch: {best[3] * 30000 / args.b / 1e3:.2f} s for {args.k} models")
+    if args.profile:
+        profile(best, device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile(best, device: torch.device) -> None:
+    """The ten kernels with the most device time in three steps of the fastest variant."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    impl, precision, kernels, _, step = best
+    torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
+    torch.backends.cudnn.benchmark = kernels == "autotuned"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"profile of {impl} {precision} {kernels}, 3 steps:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=10, max_name_column_width=60))
 
 
 if __name__ == "__main__":
