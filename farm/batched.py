@@ -37,8 +37,16 @@ from .spec import TrainingSpec
 from .training import apply_query, augment_batch, autocast
 
 
-# The stacked SmallCNN layout per device type (farm.stacked_cnn), chosen by scripts/bench_stacked_step.py
-DEFAULT_LAYOUT = {"cuda": "bmm", "cpu": "grouped"}
+# The stacked SmallCNN layout (farm.stacked_cnn) where none is set, chosen by scripts/bench_stacked_step.py
+# (docs/benchmarks.md): on a CPU, grouped convolutions; on a GPU, grouped convolutions when cuDNN may
+# autotune (resources.gpu_kernels: autotuned), batched products when it must stay deterministic.
+DEFAULT_LAYOUT = {"cpu": "grouped", "cuda-autotuned": "grouped", "cuda-deterministic": "bmm"}
+
+
+def default_layout(device: str) -> str:
+    if device == "cuda":
+        device += "-autotuned" if torch.backends.cudnn.benchmark else "-deterministic"
+    return DEFAULT_LAYOUT.get(device, "grouped")
 PREDICT_PAIRS = 32_768  # image-model pairs per prediction chunk: about 5 GB of float32 activations for SmallCNN
 
 
@@ -66,7 +74,7 @@ class StackedModels:
         self._shared_batch = vmap(one, in_dims=(0, None))  # x: [B, ...], the same inputs for all models
         # "bmm" | "grouped" (farm.stacked_cnn) for SmallCNN, else "vmap"; scripts/bench_stacked_step.py times them
         device = next(models[0].parameters()).device.type
-        self.layout = DEFAULT_LAYOUT.get(device, "grouped") if isinstance(models[0], SmallCNN) else "vmap"
+        self.layout = default_layout(device) if isinstance(models[0], SmallCNN) else "vmap"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, n_classes] logits of model k on its own inputs x[k] (x: [K, B, C, H, W])."""

@@ -95,6 +95,8 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
             prep = prepare_run(spec, f"{tmp}/{len(times)}")
             engine = Engine(prep.context(), threads=threads)
             engine.run(prep.pending[0])  # warm-up (kernels, allocator), committed but not timed
+            if label != "one at a time" and torch.cuda.is_available():
+                print(f"  (batch_models: auto would stack {engine.batch_capacity()} models here)")
             jobs = prep.pending[1:n_models + 1]
             if label == "one at a time":
                 jobs = jobs[:n_baseline or n_models]
@@ -215,7 +217,7 @@ def main() -> None:
     if args.layout:
         import farm.batched
 
-        farm.batched.DEFAULT_LAYOUT = {"cuda": args.layout, "cpu": args.layout}
+        farm.batched.DEFAULT_LAYOUT = dict.fromkeys(farm.batched.DEFAULT_LAYOUT, args.layout)
     if args.only in (None, "batched"):
         gpu = torch.cuda.is_available()
         n = args.models or (8 if args.quick else 256 if gpu else 16)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""ResNet-18 on one GPU: P worker processes sharing the card (what `resources.gpus: 1/P` gives under Ray)
-versus one, and the GPU-hours of the cifar10-resnet18 preset's evaluation set derived from the measurement.
+"""ResNet-18 (or the small CNN) on one GPU: P worker processes sharing the card (what `resources.gpus: 1/P`
+gives under Ray) versus one, and the GPU-hours of the cifar10-resnet18 preset's evaluation set derived from
+the measurement.
 
 Every process runs the engine's own code (farm.training.train_model, predict_logits and the finetune
 method through the competition's DataLoader signature) on synthetic 32x32 CIFAR-shaped data: the time of
@@ -8,7 +9,8 @@ a training step does not depend on the pixel values, and nothing is downloaded. 
 (a barrier); a phase's aggregate rate is P x images / (last finish - first start).
 
 ResNet-18 keeps BatchNorm running statistics, so it cannot be stacked like the small CNN (farm.batched);
-packing processes is the alternative this measures.
+packing processes is the alternative this measures. With --arch small-cnn the same is measured for the
+fashion-mnist preset's CNN (28x28x1, batch 256), to set against stacking (scripts/bench_farm.py).
 
     python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
     python scripts/bench_packing.py --procs 1 2 --images 256 --precisions fp32   # smoke test on a CPU
@@ -24,7 +26,11 @@ PHASES = ("train", "finetune", "predict")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
 
-def worker(rank: int, n: int, precision: str, barrier, queue) -> None:
+SHAPES = {"resnet18": dict(channels=3, size=32, batch=128, augment=True, width=16),
+          "small-cnn": dict(channels=1, size=28, batch=256, augment=False, width=32)}
+
+
+def worker(rank: int, arch: str, n: int, precision: str, barrier, queue) -> None:
     import torch
 
     from farm.methods import get_method
@@ -36,11 +42,13 @@ def worker(rank: int, n: int, precision: str, barrier, queue) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_deterministic_kernels(device)  # as farm.engine.Engine runs
     gen = torch.Generator().manual_seed(rank)
-    images = torch.rand(n, 3, 32, 32, generator=gen).to(device)
+    shape = SHAPES[arch]
+    images = torch.rand(n, shape["channels"], shape["size"], shape["size"], generator=gen).to(device)
     labels = torch.randint(0, 10, (n,), generator=gen).to(device)
-    cfg = TrainingSpec(epochs=1, batch_size=128, lr=0.1, augment=True, eval_batch_size=2048, precision=precision)
+    cfg = TrainingSpec(epochs=1, batch_size=shape["batch"], lr=0.1, augment=shape["augment"], eval_batch_size=2048,
+                       precision=precision)
     torch.manual_seed(rank)
-    model = build_model(ModelSpec(arch="resnet18"), 3, 10, 32).to(device)
+    model = build_model(ModelSpec(arch=arch, width=shape["width"]), shape["channels"], 10, shape["size"]).to(device)
     finetune = get_method("finetune").fn
     queries = ("plain", "hflip")
 
@@ -49,7 +57,8 @@ def worker(rank: int, n: int, precision: str, barrier, queue) -> None:
         if phase == "train":
             train_model(model, images, labels, idx, cfg, gen)
         elif phase == "finetune":
-            finetune(model, make_loader(images, labels, idx, 128, True, rank), None, None, lr=0.01, epochs=1)
+            finetune(model, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
+                     epochs=1)
         else:
             predict_logits(model, images[:count], queries, cfg.eval_batch_size, precision)
         if device.type == "cuda":
@@ -66,13 +75,13 @@ def worker(rank: int, n: int, precision: str, barrier, queue) -> None:
     queue.put(times)
 
 
-def measure(procs: int, n: int, precision: str) -> dict[str, float]:
+def measure(arch: str, procs: int, n: int, precision: str) -> dict[str, float]:
     """Aggregate images per second per phase for `procs` processes sharing the device."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
-    ps = [ctx.Process(target=worker, args=(r, n, precision, barrier, queue)) for r in range(procs)]
+    ps = [ctx.Process(target=worker, args=(r, arch, n, precision, barrier, queue)) for r in range(procs)]
     for p in ps:
         p.start()
     results = [queue.get() for _ in ps]
@@ -92,13 +101,15 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--images", type=int, default=25_600, help="images per process per phase")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--arch", choices=sorted(SHAPES), default="resnet18")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
-    print(f"device: {device}, torch {torch.__version__}; ResNet-18, batch 128, {args.images} images per process")
+    print(f"device: {device}, torch {torch.__version__}; {args.arch}, batch {SHAPES[args.arch]['batch']}, "
+          f"{args.images} images per process")
     rates = {}
     for precision in args.precisions:
         for p in args.procs:
-            rates[precision, p] = r = measure(p, args.images, precision)
+            rates[precision, p] = r = measure(args.arch, p, args.images, precision)
             print(f"  {precision:<5} P={p}: train {r['train']:8.0f} img/s | finetune (DataLoader) "
                   f"{r['finetune']:8.0f} img/s | predict x2 queries {r['predict']:8.0f} img/s", flush=True)
     for precision in args.precisions:
@@ -106,6 +117,13 @@ def main() -> None:
         print(f"  {precision}: train rate vs P={args.procs[0]}: " + ", ".join(
             f"P={p} {rates[precision, p]['train'] / one:.2f}x" for p in args.procs))
 
+    if args.arch != "resnet18":
+        # the fashion-mnist preset's shadow: 5 epochs on 30,000 images, then predicting 70,000 (x2 queries)
+        per_model = {(pr, p): 5 * 30_000 / r["train"] + 70_000 / r["predict"] for (pr, p), r in rates.items()}
+        (pr, p), best = min(per_model.items(), key=lambda kv: kv[1])
+        print(f"  one fashion-mnist shadow (5 epochs x 30,000 + predicting 70,000): {best:.3f} GPU-s at the best "
+              f"packing measured ({pr}, P={p})")
+        return
     # GPU-hours of the preset's evaluation set (retrained + unlearned models), from the best measured packing
     spec = load_spec("cifar10-resnet18")
     retain = int(CIFAR_TRAIN * (1 - spec.forget.fraction))
