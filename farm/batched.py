@@ -1,4 +1,4 @@
-"""Train K models of one architecture at once by stacking their weights (torch.func.functional_call + vmap).
+"""Train K models of one architecture at once by stacking their weights.
 
 Each model keeps its own seed (initialisation), its own training set and its own data order: model k is
 initialised exactly as farm.training would initialise it alone (torch.manual_seed(seed_k) then
@@ -47,7 +47,10 @@ def default_layout(device: str) -> str:
     if device == "cuda":
         device += "-autotuned" if torch.backends.cudnn.benchmark else "-deterministic"
     return DEFAULT_LAYOUT.get(device, "grouped")
-PREDICT_PAIRS = 32_768  # image-model pairs per prediction chunk: about 5 GB of float32 activations for SmallCNN
+
+
+# Image-model pairs per prediction chunk: activations grow with both (about 5 GB of float32 for SmallCNN).
+PREDICT_PAIRS = 32_768
 
 
 def can_stack(model: torch.nn.Module) -> bool:
@@ -55,7 +58,7 @@ def can_stack(model: torch.nn.Module) -> bool:
 
 
 class StackedModels:
-    """K models of one architecture as stacked parameters, with a vmapped forward."""
+    """K models of one architecture as stacked parameters, with a forward pass over all of them."""
 
     def __init__(self, models: list[torch.nn.Module]):
         if not models:

@@ -78,3 +78,45 @@ def test_stacked_layouts_match_each_model(layout, size, channels):
     for name, p in stack.params.items():
         expected = torch.stack([dict(m.named_parameters())[name].grad for m in models])
         assert torch.allclose(p.grad, expected, atol=1e-4, rtol=1e-4), name
+
+
+def test_default_layout_follows_the_device_and_kernel_choice(monkeypatch):
+    from farm import batched
+
+    assert batched.default_layout("cpu") == "grouped"
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert batched.default_layout("cuda") == batched.DEFAULT_LAYOUT["cuda-autotuned"]
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert batched.default_layout("cuda") == batched.DEFAULT_LAYOUT["cuda-deterministic"]
+
+
+def test_prediction_chunks_do_not_change_the_logits(monkeypatch):
+    """predict_stacked bounds a chunk by image-model pairs; any chunking gives the same logits."""
+    from farm import batched
+    from farm.models import build_model
+    from farm.spec import ModelSpec
+
+    torch.manual_seed(1)
+    stack = batched.StackedModels([build_model(ModelSpec(width=4), 1, 10, 8) for _ in range(3)])
+    images = torch.randn(50, 1, 8, 8)
+    whole = batched.predict_stacked(stack, images, ("plain", "hflip"), batch_size=1000)
+    monkeypatch.setattr(batched, "PREDICT_PAIRS", 3 * 7)  # 7 images a chunk, the last one short
+    chunked = batched.predict_stacked(stack, images, ("plain", "hflip"), batch_size=1000)
+    assert whole.shape == (3, 50, 2, 10)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_precision_trains_comparable_models(tmp_path):
+    """training.precision bf16 (autocast; float32 weights) gives finite logits and the accuracy of fp32."""
+    results = {}
+    for precision in ("fp32", "bf16"):
+        d = copy.deepcopy(TINY_SPEC)
+        d["counts"] = {"shadow": 2}
+        d["unlearn"] = []
+        d["model"]["width"] = 8
+        d["training"].update(precision=precision, epochs=8, batch_size=64)
+        prep = prepare_run(spec_from_dict(d), str(tmp_path / precision))
+        markers = Engine(prep.context(), threads=1).run_batch(prep.pending)
+        results[precision] = np.mean([m["accuracy"]["test"] for m in markers])
+    assert results["fp32"] > 0.8
+    assert abs(results["bf16"] - results["fp32"]) < 0.1, results

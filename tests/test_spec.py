@@ -23,6 +23,13 @@ def test_identity_ignores_counts_and_methods_but_not_training():
     other = copy.deepcopy(TINY_SPEC)
     other["training"]["epochs"] = 3
     assert spec_from_dict(other).identity_hash() != a.identity_hash()
+    # precision changes the models; the GPU kernel choice only their last bits, like the other resources
+    bf16 = copy.deepcopy(TINY_SPEC)
+    bf16["training"]["precision"] = "bf16"
+    assert spec_from_dict(bf16).identity_hash() != a.identity_hash()
+    kernels = copy.deepcopy(TINY_SPEC)
+    kernels["resources"] = {"gpu_kernels": "autotuned"}
+    assert spec_from_dict(kernels).identity_hash() == a.identity_hash()
 
 
 def _with(path, value):
@@ -50,6 +57,8 @@ def _with(path, value):
     (("queries",), ["plain", "rotate"], "query 'rotate' is unknown"),
     (("resources", "cpus"), 0, "resources.cpus must be positive"),
     (("training", "momentum_x"), 1, "training: unknown field(s) momentum_x"),
+    (("training", "precision"), "fp16", "training.precision 'fp16' is unknown; allowed: fp32, bf16, auto"),
+    (("resources", "gpu_kernels"), "fast", "resources.gpu_kernels 'fast' is unknown"),
 ])
 def test_bad_values_name_the_field(path, value, needle):
     with pytest.raises(SpecError) as err:
