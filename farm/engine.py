@@ -23,8 +23,8 @@ from .models import build_model
 from .plan import Job
 from .spec import Spec
 from .store import RunStore, logits_table
-from .training import (accuracy, make_loader, predict_logits, set_determinism, train_model,
-                       use_deterministic_kernels)
+from .training import (accuracy, configure_gpu_kernels, make_loader, predict_logits, set_determinism,
+                       train_model)
 
 
 AUTO_CPU_BATCH = 8  # measured on 2 cores: stacking 8 digits CNNs beats one at a time (docs/benchmarks.md)
@@ -65,7 +65,7 @@ class Engine:
         self.ctx = ctx
         self.spec = ctx.spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        use_deterministic_kernels(self.device, ctx.spec.resources.gpu_kernels)
+        configure_gpu_kernels(self.device, ctx.spec.resources.gpu_kernels)
         self.images = torch.tensor(ctx.images, device=self.device)  # a copy: object-store arrays are read-only
         self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
         self.store = RunStore(ctx.store_uri)

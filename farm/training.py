@@ -25,7 +25,7 @@ def set_determinism(seed: int) -> torch.Generator:
     return gen
 
 
-def use_deterministic_kernels(device: torch.device, kernels: str = "deterministic") -> None:
+def configure_gpu_kernels(device: torch.device, kernels: str = "deterministic") -> None:
     """On CUDA, "deterministic" asks for deterministic kernels; "autotuned" lets cuDNN pick kernels by
     timing them (faster for some shapes, not bit-reproducible). CPU kernels are already deterministic for a
     fixed thread count, and the flag costs seconds of imports there."""

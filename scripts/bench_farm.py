@@ -222,7 +222,7 @@ def main() -> None:
         gpu = torch.cuda.is_available()
         n = args.models or (8 if args.quick else 256 if gpu else 16)
         k = args.k or (256 if gpu else 8)
-        base = args.baseline_models or (min(n, 16) if gpu else n)
+        base = min(n, args.baseline_models or (16 if gpu else n))
         print(f"[batched] {args.dataset}: {n} shadow models stacked K={k} vs {base} of them one at a time "
               f"(+1 warm-up each)")
         bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data, base, args.gpu_kernels)

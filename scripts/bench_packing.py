@@ -36,11 +36,11 @@ def worker(rank: int, arch: str, n: int, precision: str, barrier, queue) -> None
     from farm.methods import get_method
     from farm.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
-    from farm.training import make_loader, predict_logits, train_model, use_deterministic_kernels
+    from farm.training import configure_gpu_kernels, make_loader, predict_logits, train_model
 
     torch.set_num_threads(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_deterministic_kernels(device)  # as farm.engine.Engine runs
+    configure_gpu_kernels(device)  # as farm.engine.Engine runs
     gen = torch.Generator().manual_seed(rank)
     shape = SHAPES[arch]
     images = torch.rand(n, shape["channels"], shape["size"], shape["size"], generator=gen).to(device)
