@@ -34,7 +34,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from .models import SmallCNN
 from .stacked_cnn import forward_bmm, forward_grouped
 from .spec import TrainingSpec
-from .training import apply_query, augment_batch, autocast
+from .training import apply_query, augment_batch, autocast, predict_logits
 
 
 # The stacked SmallCNN layout (farm.stacked_cnn) where none is set, chosen by scripts/bench_stacked_step.py
@@ -95,11 +95,12 @@ class StackedModels:
             return forward_grouped(self.base, self.params, x, shared=True)
         return self._shared_batch(self.params, x)
 
-    def unstack(self, template: torch.nn.Module) -> list[torch.nn.Module]:
-        """K ordinary modules with the trained weights (for storing weights or running a method)."""
+    def unstack(self) -> list[torch.nn.Module]:
+        """K ordinary modules with the trained weights (for storing weights, predicting, running a method)."""
+        device = next(iter(self.params.values())).device
         out = []
         for i in range(self.k):
-            m = copy.deepcopy(template)
+            m = copy.deepcopy(self.base).to_empty(device=device)
             m.load_state_dict({k: v[i].detach() for k, v in self.params.items()})
             out.append(m.eval())
         return out
@@ -149,12 +150,23 @@ def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[s
                     batch_size: int, precision: str = "fp32") -> np.ndarray:
     """float32 [K, N, Q, C]: every model's logits for every example under every query.
 
-    A chunk holds at most PREDICT_PAIRS image-model pairs (batch_size images for few models, fewer for
-    many): activations grow with both, and K=256 models x 4,096 images would not fit on any card."""
+    On a CPU the models predict one after another in small chunks (farm.training.predict_logits), which
+    measured faster than the stacked forward pass there (docs/benchmarks.md). On a GPU a chunk holds at
+    most PREDICT_PAIRS image-model pairs (batch_size images for few models, fewer for many): activations
+    grow with both, and K=256 models x 4,096 images would not fit on any card."""
+    if not images.is_cuda:
+        return np.stack([predict_logits(m, images, queries, batch_size, precision) for m in stack.unstack()])
+    return predict_stacked_chunks(stack, images, queries, max(1, min(batch_size, PREDICT_PAIRS // stack.k)),
+                                  precision)
+
+
+@torch.no_grad()
+def predict_stacked_chunks(stack: StackedModels, images: torch.Tensor, queries: tuple[str, ...], chunk: int,
+                           precision: str = "fp32") -> np.ndarray:
+    """predict_stacked through the stacked forward pass, `chunk` images at a time (any device)."""
     out = None
-    batch_size = max(1, min(batch_size, PREDICT_PAIRS // stack.k))
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk]
         for qi, q in enumerate(queries):
             with autocast(images.device, precision):
                 logits = stack.forward_shared(apply_query(x, q))

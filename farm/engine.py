@@ -109,7 +109,7 @@ class Engine:
         seconds = (time.perf_counter() - start) / len(jobs)
         # modules only where weights are stored (originals, keep_weights): K deep copies cost time otherwise
         need_weights = self.spec.outputs.keep_weights or any(j.role == "original" for j in jobs)
-        trained = stack.unstack(self.new_model()) if need_weights else [None] * len(jobs)
+        trained = stack.unstack() if need_weights else [None] * len(jobs)
         # The commits (confidence, Parquet encoding, sha256, writes) release the GIL: run them side by side.
         with ThreadPoolExecutor(max_workers=min(len(jobs), COMMIT_THREADS)) as pool:
             futures = [pool.submit(self.commit, job, model, logits[i], train_seconds, seconds, batched=len(jobs))

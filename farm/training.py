@@ -98,12 +98,20 @@ def apply_query(x: torch.Tensor, query: str) -> torch.Tensor:
     return out
 
 
+# On a CPU, prediction chunks of about this many input pixels keep the first layers' activations in the
+# caches: with 128 fashion-mnist images a chunk instead of 4,096, predicting took 28.5 s a model instead of
+# 46.1 s (docs/benchmarks.md, "Prediction on a CPU").
+CPU_CHUNK_PIXELS = 100_000
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, queries: tuple[str, ...],
                    batch_size: int, precision: str = "fp32") -> np.ndarray:
     """float32 [N, Q, C]: the model's logits for every example under every query."""
     model.eval()
     outs = []
+    if images.device.type == "cpu":  # chunks of about CPU_CHUNK_PIXELS input pixels (see its comment)
+        batch_size = max(1, min(batch_size, CPU_CHUNK_PIXELS // (images.shape[-2] * images.shape[-1])))
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         with autocast(images.device, precision):

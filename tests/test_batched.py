@@ -90,20 +90,27 @@ def test_default_layout_follows_the_device_and_kernel_choice(monkeypatch):
     assert batched.default_layout("cuda") == batched.DEFAULT_LAYOUT["cuda-deterministic"]
 
 
-def test_prediction_chunks_do_not_change_the_logits(monkeypatch):
-    """predict_stacked bounds a chunk by image-model pairs; any chunking gives the same logits."""
-    from farm import batched
+def test_prediction_paths_and_chunks_give_the_same_logits(monkeypatch):
+    """The stacked forward pass in any chunking (the GPU path), the models one by one (the CPU path) and
+    the CPU's pixel-bounded chunks all give the same logits."""
+    from farm import batched, training
     from farm.models import build_model
     from farm.spec import ModelSpec
 
     torch.manual_seed(1)
-    stack = batched.StackedModels([build_model(ModelSpec(width=4), 1, 10, 8) for _ in range(3)])
+    models = [build_model(ModelSpec(width=4), 1, 10, 8) for _ in range(3)]
+    stack = batched.StackedModels(models)
     images = torch.randn(50, 1, 8, 8)
-    whole = batched.predict_stacked(stack, images, ("plain", "hflip"), batch_size=1000)
-    monkeypatch.setattr(batched, "PREDICT_PAIRS", 3 * 7)  # 7 images a chunk, the last one short
-    chunked = batched.predict_stacked(stack, images, ("plain", "hflip"), batch_size=1000)
-    assert whole.shape == (3, 50, 2, 10)
-    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
+    queries = ("plain", "hflip")
+    one_by_one = np.stack([training.predict_logits(m, images, queries, 1000) for m in models])
+    assert one_by_one.shape == (3, 50, 2, 10)
+    np.testing.assert_allclose(batched.predict_stacked(stack, images, queries, 1000), one_by_one, rtol=1e-5, atol=1e-6)
+    for chunk in (1000, 7):  # one chunk; chunks of 7, the last one short
+        got = batched.predict_stacked_chunks(stack, images, queries, chunk)
+        np.testing.assert_allclose(got, one_by_one, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(training, "CPU_CHUNK_PIXELS", 64 * 6)  # 6 images of 8x8 a chunk
+    small = np.stack([training.predict_logits(m, images, queries, 1000) for m in models])
+    np.testing.assert_allclose(small, one_by_one, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_precision_trains_comparable_models(tmp_path):
