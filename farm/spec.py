@@ -222,7 +222,7 @@ def spec_from_dict(raw: dict) -> Spec:
     if unknown:
         raise SpecError(f"spec: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
     unlearn_raw = raw.get("unlearn") or []
-    if not isinstance(unlearn_raw, list):
+    if not isinstance(unlearn_raw, (list, tuple)):  # a tuple: the round trip of Spec.to_dict
         raise SpecError(f"unlearn must be a list of {{method, count, hparams}}, got {unlearn_raw!r}")
     unlearn = []
     for i, item in enumerate(unlearn_raw):

@@ -26,16 +26,19 @@ import numpy as np
 N_ROUNDS = 3
 
 
-def bench_runner(spec_name: str, quick: bool) -> None:
+def bench_runner(spec_name: str, quick: bool, epochs: int | None = None) -> None:
+    """epochs: train the preset's models for this many epochs instead (longer models, the same fixed
+    per-worker costs)."""
     from farm.runner import ensure_ray, prepare_run, run_local, run_ray
     from farm.spec import load_spec, spec_from_dict
 
     spec = load_spec(spec_name)
-    if quick:
+    if quick or epochs:
         d = spec.to_dict()
-        d["counts"] = {"original": 1, "retrain": 4, "shadow": 4}
-        d["unlearn"] = []
-        d["training"]["epochs"] = 3
+        if quick:
+            d["counts"] = {"original": 1, "retrain": 4, "shadow": 4}
+            d["unlearn"] = []
+        d["training"]["epochs"] = epochs or 3
         spec = spec_from_dict(d)
     tmp = tempfile.mkdtemp(prefix="bench-farm-")
     results = {}
@@ -206,6 +209,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="models per stacked batch")
     ap.add_argument("--baseline-models", type=int, default=None,
                     help="models the one-at-a-time baseline trains (default: all; 16 on a GPU)")
+    ap.add_argument("--runner-epochs", type=int, help="runner benchmark: train the demo's models this many "
+                    "epochs instead of the preset's 15 (longer models, the same fixed per-worker costs)")
     ap.add_argument("--gpu-kernels", choices=("deterministic", "autotuned"), help="resources.gpu_kernels")
     ap.add_argument("--layout", choices=("bmm", "grouped", "vmap"),
                     help="stacked SmallCNN layout (farm.stacked_cnn; default: farm.batched's choice per device)")
@@ -227,8 +232,9 @@ def main() -> None:
               f"(+1 warm-up each)")
         bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data, base, args.gpu_kernels)
     if args.only in (None, "runner"):
-        print("[runner] digits-demo models: Ray runner vs plain in-process loop")
-        bench_runner("digits-demo", args.quick)
+        print("[runner] digits-demo models: Ray runner vs plain in-process loop"
+              + (f" ({args.runner_epochs} epochs instead of 15)" if args.runner_epochs else ""))
+        bench_runner("digits-demo", args.quick, args.runner_epochs)
     if args.only in (None, "store"):
         m, e = (16, 7000) if args.quick else (256, 70000)
         print(f"[store] conf matrix of {m} models x {e} examples x 2 queries: run store vs raw .npy")

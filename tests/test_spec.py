@@ -76,3 +76,10 @@ def test_unlearn_count_and_unknown_preset():
         load_spec("nope")
     with pytest.raises(SpecError, match="does not exist"):
         load_spec("missing/spec.yaml")
+
+
+def test_to_dict_round_trips():
+    """spec_from_dict(spec.to_dict()) gives the same spec, methods included (scripts edit specs that way)."""
+    spec = spec_from_dict(TINY_SPEC)
+    assert spec.unlearn
+    assert spec_from_dict(spec.to_dict()) == spec
