@@ -124,6 +124,8 @@ def main() -> None:
         print(f"  {impl:<8} {precision:<5} {kernels:<13} {ms:8.2f} ms/step {args.k / ms * 1e3:8.0f} model-steps/s "
               f"{tflops:6.1f} TFLOP/s | predict {predict_ms:7.4f} ms per 1,000 pairs | first step {first:6.2f} s",
               flush=True)
+    if not rows:
+        raise SystemExit("bench_stacked_step: every variant failed (see the lines above)")
     best = min(rows, key=lambda r: r[3])
     print(f"fastest: {best[0]} {best[1]} {best[2]}: {best[3]:.2f} ms/step; "
           f"one epoch of 30,000 examples at this batch: {best[3] * 30000 / args.b / 1e3:.2f} s for {args.k} models")
