@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("bmm", "grouped")
-
 
 def _features(base: nn.Module, h: torch.Tensor, conv, pool) -> torch.Tensor:
     """Walk base.features with layout-specific conv(h, index, layer) and pool(h, layer), ReLU deferred past

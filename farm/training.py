@@ -99,8 +99,9 @@ def apply_query(x: torch.Tensor, query: str) -> torch.Tensor:
 
 
 # On a CPU, prediction chunks of about this many input pixels keep the first layers' activations in the
-# caches: with 128 fashion-mnist images a chunk instead of 4,096, predicting took 28.5 s a model instead of
-# 46.1 s (docs/benchmarks.md, "Prediction on a CPU").
+# caches. With this cap (128 fashion-mnist images a chunk), and stacked models predicting one by one,
+# predicting took 28.5 s a model instead of 46.1 s with 4,096-image stacked chunks (docs/benchmarks.md,
+# "Prediction on a CPU").
 CPU_CHUNK_PIXELS = 100_000
 
 
