@@ -5,7 +5,8 @@
    same jobs one at a time in the same engine, including writing their logits (digits on CPU; with
    --dataset fashion-mnist the issue's GPU setting: shadows, 5 epochs on half the train split);
 2. runner: the digits-demo preset's models trained through the Ray runner versus the same jobs in a plain
-   in-process loop (at the runner's per-worker thread count, and at all cores), in models per minute;
+   in-process loop (at the runner's per-worker thread count, and at all cores), in models per minute,
+   both from warm processes (torch imported; --cold-workers: Ray workers that import it on start);
 3. store: writing and reading the conf matrix of M models x E examples x Q queries through the run store
    (Parquet logits files + markers, checksums verified on read) versus raw .npy files of the same data.
 
@@ -26,9 +27,38 @@ import numpy as np
 N_ROUNDS = 3
 
 
-def bench_runner(spec_name: str, quick: bool, epochs: int | None = None) -> None:
-    """epochs: train the preset's models for this many epochs instead (longer models, the same fixed
-    per-worker costs)."""
+def _cpu_busy(seconds: float = 0.5) -> float:
+    """Fraction of all cores busy over the next `seconds` (Linux /proc/stat; 0 where it is missing)."""
+    def sample():
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        time.sleep(seconds)
+        return 0.0
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_until_idle(limit: float = 60.0) -> float:
+    """Wait until less than a quarter of the cores are busy (at most `limit` s); returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit and _cpu_busy() > 0.25:
+        pass
+    return time.perf_counter() - t0
+
+
+def bench_runner(spec_name: str, quick: bool, epochs: int | None = None, cold_workers: bool = False) -> None:
+    """Both executors start from warm processes, so the ratio is the farm's overhead and not Python's:
+    the loop runs in this process, which has imported torch and torch._dynamo (the first torch.optim
+    optimiser imports it) before its clock starts; the runner's actors take the worker processes that
+    Ray prestarts with those modules preloaded (farm.runner.WORKER_PRELOAD). Both warm-ups are printed,
+    not counted. epochs: train the preset's models for this many epochs instead (longer models).
+    cold_workers: no preloading, so each actor imports torch on start and torch._dynamo on its first job
+    (what a run pays when its workers were not prestarted, e.g. a second run in the same Ray session)."""
     from farm.runner import ensure_ray, prepare_run, run_local, run_ray
     from farm.spec import load_spec, spec_from_dict
 
@@ -40,33 +70,50 @@ def bench_runner(spec_name: str, quick: bool, epochs: int | None = None) -> None
             d["unlearn"] = []
         d["training"]["epochs"] = epochs or 3
         spec = spec_from_dict(d)
+    import ray
+
+    if cold_workers:
+        os.environ["RAY_preload_python_modules"] = ""  # farm.runner.ensure_ray leaves a user's setting alone
+    t0 = time.perf_counter()
+    import torch._dynamo  # noqa: F401
+
+    print(f"  (loop process warm-up, not counted: import torch._dynamo {time.perf_counter() - t0:.1f} s)")
+    executors = [("loop, 1 thread (the runner's per-worker threads)", "local", 1),
+                 (f"loop, {os.cpu_count()} threads", "local", os.cpu_count()),
+                 ("Ray runner", "ray", None)]
+    rounds = 1 if quick else N_ROUNDS
     tmp = tempfile.mkdtemp(prefix="bench-farm-")
-    results = {}
+    rates: dict[str, list[float]] = {}
     try:
-        for label, kind, threads in (("loop, 1 thread (the runner's per-worker threads)", "local", 1),
-                                     (f"loop, {os.cpu_count()} threads", "local", os.cpu_count()),
-                                     ("Ray runner", "ray", None)):
-            store = f"{tmp}/{len(results)}"
-            prep = prepare_run(spec, store)
-            if kind == "ray":
+        for r in range(rounds):  # order rotated; a fresh local Ray each round, so its workers start prestarted
+            for label, kind, threads in executors[r % 3:] + executors[:r % 3]:
+                prep = prepare_run(spec, f"{tmp}/{r}-{kind}-{threads}")
+                if kind == "ray":
+                    ray.shutdown()
+                    t0 = time.perf_counter()
+                    ensure_ray()
+                    t1 = time.perf_counter()
+                    waited = wait_until_idle()
+                    print(f"  (Ray start-up, not counted: ray.init {t1 - t0:.1f} s, then {waited:.1f} s until its "
+                          f"prestarted workers{'' if cold_workers else ' had imported torch and'} went idle)")
                 t0 = time.perf_counter()
-                ensure_ray()
-                print(f"  (Ray start-up, once per session, not counted: {time.perf_counter() - t0:.1f} s)")
-            t0 = time.perf_counter()
-            if kind == "ray":
-                result = run_ray(prep, progress=False)
-            else:
-                result = run_local(prep, progress=False, threads=threads)
-            seconds = time.perf_counter() - t0
-            assert not result.failed, result.failed
-            results[label] = len(result.trained) / seconds * 60
-            print(f"  {label:<52} {len(result.trained)} models in {seconds:6.1f} s = {results[label]:6.1f} models/min")
+                if kind == "ray":
+                    result = run_ray(prep, progress=False)
+                else:
+                    result = run_local(prep, progress=False, threads=threads)
+                seconds = time.perf_counter() - t0
+                assert not result.failed, result.failed
+                rates.setdefault(label, []).append(len(result.trained) / seconds * 60)
+                print(f"  round {r + 1}: {label:<50} {len(result.trained)} models in {seconds:6.1f} s = "
+                      f"{rates[label][-1]:6.1f} models/min")
     finally:
+        ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    ray_rate = results["Ray runner"]
-    for label, rate in results.items():
+    rate = {label: float(np.median(v)) for label, v in rates.items()}
+    print(f"  median of {rounds} round(s), models/min: " + ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in rate.items()))
+    for label, value in rate.items():
         if label != "Ray runner":
-            print(f"  runner / {label}: {ray_rate / rate:.2f}x")
+            print(f"  runner / {label}: {rate['Ray runner'] / value:.2f}x")
 
 
 def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: str | None = None,
@@ -211,6 +258,8 @@ def main() -> None:
                     help="models the one-at-a-time baseline trains (default: all; 16 on a GPU)")
     ap.add_argument("--runner-epochs", type=int, help="runner benchmark: train the demo's models this many "
                     "epochs instead of the preset's 15 (longer models, the same fixed per-worker costs)")
+    ap.add_argument("--cold-workers", action="store_true", help="runner benchmark: Ray workers without "
+                    "preloaded torch (each actor imports it on start, and torch._dynamo on its first job)")
     ap.add_argument("--gpu-kernels", choices=("deterministic", "autotuned"), help="resources.gpu_kernels")
     ap.add_argument("--layout", choices=("bmm", "grouped", "vmap"),
                     help="stacked SmallCNN layout (farm.stacked_cnn; default: farm.batched's choice per device)")
@@ -234,7 +283,7 @@ def main() -> None:
     if args.only in (None, "runner"):
         print("[runner] digits-demo models: Ray runner vs plain in-process loop"
               + (f" ({args.runner_epochs} epochs instead of 15)" if args.runner_epochs else ""))
-        bench_runner("digits-demo", args.quick, args.runner_epochs)
+        bench_runner("digits-demo", args.quick, args.runner_epochs, args.cold_workers)
     if args.only in (None, "store"):
         m, e = (16, 7000) if args.quick else (256, 70000)
         print(f"[store] conf matrix of {m} models x {e} examples x 2 queries: run store vs raw .npy")

@@ -75,6 +75,35 @@ def test_write_read_roundtrip_and_checksum(tmp_path):
         store.read_conf(["retrain-00009"])
 
 
+def test_logits_file_schema_and_encodings(tmp_path):
+    """The file on disk has the contract's types, every field non-nullable (no definition levels to encode),
+    and the encodings that docs/store.md names; the bytes read back equal the table written."""
+    store = RunStore(str(tmp_path))
+    _init(store)
+    _, _, _, table = _model_table()
+    marker = store.write_model("shadow-00000", table, {"role": "shadow"})
+    data = (tmp_path / marker["logits"]).read_bytes()
+    assert marker["bytes"] == len(data)
+    back = pq.read_table(tmp_path / marker["logits"])
+    assert back.equals(table)
+    assert all(not f.nullable for f in back.schema)
+    meta = pq.ParquetFile(tmp_path / marker["logits"]).metadata.row_group(0)
+    columns = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    assert "DELTA_BINARY_PACKED" in columns["example_id"].encodings
+    assert columns["query"].compression == "SNAPPY"
+    for name in ("conf", "pred", "trained_on", "forgotten"):
+        assert columns[name].compression == "UNCOMPRESSED"
+        assert not any("DICTIONARY" in e for e in columns[name].encodings), name
+
+
+def test_read_conf_names_a_file_with_the_wrong_row_count(tmp_path):
+    store = RunStore(str(tmp_path))
+    _init(store)
+    store.write_model("shadow-00000", _model_table(n_e=40)[3], {"role": "shadow"})
+    with pytest.raises(StoreError, match="model shadow-00000: logits file has 80 rows, the run has 50 x 2"):
+        store.read_conf()
+
+
 def test_temporaries_are_invisible_and_cleaned(tmp_path):
     store = RunStore(str(tmp_path))
     _init(store)
