@@ -329,8 +329,8 @@ def logits_table(labels: np.ndarray, logits: np.ndarray, trained_on: np.ndarray,
     """One row per (example, query), example-major: row e * Q + q. logits is float32 [E, Q, C].
 
     Every field is declared non-nullable (no column ever holds a null): Parquet then stores no definition
-    levels, which made encoding 8.6 -> 5.5 ms and decoding 3.1 -> 2.2 ms for 70,000 x 2 rows (measured
-    with pyarrow 26 on CPU-2); the types are the contract's either way."""
+    levels, which makes both encoding and decoding cheaper (docs/benchmarks.md, the store benchmark); the
+    types are the contract's either way."""
     n_e, n_q, n_c = logits.shape
     conf = logit_scaled_confidence(logits, labels[:, None]).astype(np.float32)
     columns = {

@@ -245,6 +245,47 @@ def bench_store(n_models: int, n_examples: int, n_queries: int) -> None:
     print("  (store read verifies every file's sha256 and also returns trained_on / forgotten)")
 
 
+def bench_store_columns(n_examples: int, n_queries: int, repeats: int = 30) -> None:
+    """Where a logits file's encoding time goes: each column alone with the store's encodings
+    (farm.store.parquet_bytes), the file sizes, and the alternatives the store's choice was made against
+    (plain layout; a dictionary for pred). Medians of `repeats` encodings, after one warm-up."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from farm.store import logits_table, parquet_bytes
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n_examples)
+    logits = (rng.normal(size=(n_examples, n_queries, 10)) * 3).astype(np.float32)
+    table = logits_table(labels, logits, rng.random(n_examples) < 0.5, np.zeros(n_examples, bool), False)
+
+    def ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)) * 1e3
+
+    def encode(t, **kw):
+        sink = pa.BufferOutputStream()
+        pq.write_table(t, sink, write_statistics=False, **kw)
+        return sink.getvalue()
+
+    print(f"  whole file, the store's encodings: {ms(lambda: parquet_bytes(table)):.2f} ms, "
+          f"{parquet_bytes(table).size / 1e6:.2f} MB")
+    for name in table.column_names:
+        one = table.select([name])
+        print(f"    {name:<11} alone: {ms(lambda: parquet_bytes(one)):.2f} ms, {parquet_bytes(one).size / 1e3:7.1f} KB")
+    plain = dict(compression="none", use_dictionary=False)
+    print(f"  plain layout (no compression, no dictionary): {ms(lambda: encode(table, **plain)):.2f} ms, "
+          f"{encode(table, **plain).size / 1e6:.2f} MB")
+    pred = table.select(["pred"])
+    print(f"  pred with a dictionary: {ms(lambda: encode(pred, compression='none', use_dictionary=True)):.2f} ms, "
+          f"{encode(pred, compression='none', use_dictionary=True).size / 1e3:.1f} KB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes")
@@ -288,6 +329,8 @@ def main() -> None:
         m, e = (16, 7000) if args.quick else (256, 70000)
         print(f"[store] conf matrix of {m} models x {e} examples x 2 queries: run store vs raw .npy")
         bench_store(m, e, 2)
+        print(f"[store columns] one logits file of {e} examples x 2 queries: encoding time per column")
+        bench_store_columns(e, 2)
 
 
 if __name__ == "__main__":
