@@ -217,8 +217,9 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
 # ---------------------------------------------------------------------------------------------- Ray
 
 # Imported by the worker processes that a local Ray prestarts, while the driver still prepares: without
-# it each actor pays torch's import (about 2 s here) on start and torch._dynamo's (another 2 s, imported by
-# the first torch.optim optimiser) on its first job. A cluster sets RAY_preload_python_modules on `ray start`.
+# it each actor pays torch's import on start and torch._dynamo's (which the first torch.optim optimiser
+# imports) on its first job, seconds each on a small CPU (docs/benchmarks.md, the runner benchmark).
+# A cluster sets RAY_preload_python_modules on `ray start` (cluster.yaml).
 WORKER_PRELOAD = ("torch", "torch._dynamo")
 
 
