@@ -216,13 +216,6 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
 
 # ---------------------------------------------------------------------------------------------- Ray
 
-# Imported by the worker processes that a local Ray prestarts, while the driver still prepares: without
-# it each actor pays torch's import on start and torch._dynamo's (which the first torch.optim optimiser
-# imports) on its first job, seconds each on a small CPU (docs/benchmarks.md, the runner benchmark).
-# A cluster sets RAY_preload_python_modules on `ray start` (cluster.yaml).
-WORKER_PRELOAD = ("torch", "torch._dynamo")
-
-
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster at address (or RAY_ADDRESS), or start a local one; reuse a live connection."""
     import ray
@@ -233,8 +226,6 @@ def ensure_ray(address: str | None = None) -> None:
     kwargs = dict(address=address, logging_level=logging.WARNING, log_to_driver=True)
     if address is None:
         kwargs.update(include_dashboard=False)
-        if "RAY_preload_python_modules" not in os.environ:  # the user's own choice wins
-            kwargs.update(_system_config={"preload_python_modules": list(WORKER_PRELOAD)})
     env = forwarded_env()
     if env:  # every worker of this job (actors, Ray Train workers, Tune trials) sees the driver's S3 settings
         kwargs.update(runtime_env={"env_vars": env})

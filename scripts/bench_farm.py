@@ -6,7 +6,7 @@
    --dataset fashion-mnist the issue's GPU setting: shadows, 5 epochs on half the train split);
 2. runner: the digits-demo preset's models trained through the Ray runner versus the same jobs in a plain
    in-process loop (at the runner's per-worker thread count, and at all cores), in models per minute,
-   both from warm processes (torch imported; --cold-workers: Ray workers that import it on start);
+   both from warm processes (torch imported; --cold-workers: Ray workers that import it on their own clock);
 3. store: writing and reading the conf matrix of M models x E examples x Q queries through the run store
    (Parquet logits files + markers, checksums verified on read) versus raw .npy files of the same data.
 
@@ -51,14 +51,19 @@ def wait_until_idle(limit: float = 60.0) -> float:
     return time.perf_counter() - t0
 
 
+# What the benchmark's prestarted Ray workers import before the clock starts (Ray's preload_python_modules):
+# torch, and torch._dynamo, which the first torch.optim optimiser imports.
+WARM_MODULES = "torch,torch._dynamo"
+
+
 def bench_runner(spec_name: str, quick: bool, epochs: int | None = None, cold_workers: bool = False) -> None:
-    """Both executors start from warm processes, so the ratio is the farm's overhead and not Python's:
-    the loop runs in this process, which has imported torch and torch._dynamo (the first torch.optim
-    optimiser imports it) before its clock starts; the runner's actors take the worker processes that
-    Ray prestarts with those modules preloaded (farm.runner.WORKER_PRELOAD). Both warm-ups are printed,
-    not counted. epochs: train the preset's models for this many epochs instead (longer models).
-    cold_workers: no preloading, so each actor imports torch on start and torch._dynamo on its first job
-    (what a run pays when its workers were not prestarted, e.g. a second run in the same Ray session)."""
+    """Both executors start from warm processes, so the ratio is the farm's per-model overhead (scheduling,
+    transfers, commits) and not Python's start-up: the loop runs in this process, which has imported torch
+    and torch._dynamo before its clock starts; the runner's actors take the worker processes that the
+    benchmark's local Ray prestarts with the same modules preloaded (WARM_MODULES). Both warm-ups are
+    printed, not counted. epochs: train the preset's models for this many epochs instead (longer models).
+    cold_workers: no preloading, so each actor imports torch on start and torch._dynamo on its first job,
+    as in a plain `ufarm run` (the loop's process stays warm)."""
     from farm.runner import ensure_ray, prepare_run, run_local, run_ray
     from farm.spec import load_spec, spec_from_dict
 
@@ -72,8 +77,8 @@ def bench_runner(spec_name: str, quick: bool, epochs: int | None = None, cold_wo
         spec = spec_from_dict(d)
     import ray
 
-    if cold_workers:
-        os.environ["RAY_preload_python_modules"] = ""  # farm.runner.ensure_ray leaves a user's setting alone
+    # read by the raylet that ensure_ray starts; a worker that fails an import only logs it
+    os.environ["RAY_preload_python_modules"] = "" if cold_workers else WARM_MODULES
     t0 = time.perf_counter()
     import torch._dynamo  # noqa: F401
 

@@ -247,25 +247,3 @@ def test_s3_bad_endpoint_and_missing_bucket(s3_server, tiny_spec_file, capsys, m
     monkeypatch.setenv("UFARM_S3_ATTEMPTS", "1")
     assert main(["run", str(tiny_spec_file), "--store", "s3://b/run"]) == 2
     assert "cannot reach the S3 store s3://b/run" in capsys.readouterr().err
-
-
-def test_local_ray_preloads_torch_in_its_workers_unless_the_user_chose(monkeypatch):
-    """A local Ray started by ufarm prestarts workers that import torch (and torch._dynamo, which the first
-    optimiser would import) while the driver prepares; RAY_preload_python_modules set by the user wins."""
-    import ray
-
-    from farm import runner
-
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_preload_python_modules", raising=False)
-    runner.ensure_ray()
-    assert calls[-1]["_system_config"] == {"preload_python_modules": ["torch", "torch._dynamo"]}
-    monkeypatch.setenv("RAY_preload_python_modules", "")
-    runner.ensure_ray()
-    assert "_system_config" not in calls[-1]
-    monkeypatch.delenv("RAY_preload_python_modules")
-    runner.ensure_ray("ray://elsewhere:10001")  # an existing cluster keeps its own configuration
-    assert "_system_config" not in calls[-1] and calls[-1]["address"] == "ray://elsewhere:10001"
