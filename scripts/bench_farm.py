@@ -91,7 +91,7 @@ def bench_runner(spec_name: str, quick: bool, epochs: int | None = None, cold_wo
     rates: dict[str, list[float]] = {}
     try:
         for r in range(rounds):  # order rotated; a fresh local Ray each round, so its workers start prestarted
-            for label, kind, threads in executors[r % 3:] + executors[:r % 3]:
+            for label, kind, threads in executors[r % len(executors):] + executors[:r % len(executors)]:
                 prep = prepare_run(spec, f"{tmp}/{r}-{kind}-{threads}")
                 if kind == "ray":
                     ray.shutdown()
@@ -278,8 +278,8 @@ def bench_store_columns(n_examples: int, n_queries: int, repeats: int = 30) -> N
         pq.write_table(t, sink, write_statistics=False, **kw)
         return sink.getvalue()
 
-    print(f"  whole file, the store's encodings: {ms(lambda: parquet_bytes(table)):.2f} ms, "
-          f"{parquet_bytes(table).size / 1e6:.2f} MB")
+    size = parquet_bytes(table).size
+    print(f"  whole file, the store's encodings: {ms(lambda: parquet_bytes(table)):.2f} ms, {size / 1e6:.2f} MB")
     for name in table.column_names:
         one = table.select([name])
         print(f"    {name:<11} alone: {ms(lambda: parquet_bytes(one)):.2f} ms, {parquet_bytes(one).size / 1e3:7.1f} KB")
