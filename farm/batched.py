@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .models import SmallCNN
-from .stacked_cnn import forward_bmm, forward_grouped
+from .stacked_cnn import forward_bmm, forward_grouped, forward_triton
 from .spec import TrainingSpec
 from .training import apply_query, augment_batch, autocast, predict_logits
 
@@ -75,7 +75,8 @@ class StackedModels:
 
         self._per_model_batch = vmap(one, in_dims=(0, 0))  # x: [K, B, ...]
         self._shared_batch = vmap(one, in_dims=(0, None))  # x: [B, ...], the same inputs for all models
-        # "bmm" | "grouped" (farm.stacked_cnn) for SmallCNN, else "vmap"; scripts/bench_stacked_step.py times them
+        # "bmm" | "grouped" | "triton" (farm.stacked_cnn) for SmallCNN, else "vmap"; scripts/bench_stacked_step.py
+        # times them
         device = next(models[0].parameters()).device.type
         self.layout = default_layout(device) if isinstance(models[0], SmallCNN) else "vmap"
 
@@ -85,6 +86,8 @@ class StackedModels:
             return forward_bmm(self.base, self.params, x)
         if self.layout == "grouped":
             return forward_grouped(self.base, self.params, x, shared=False)
+        if self.layout == "triton":
+            return forward_triton(self.base, self.params, x, shared=False)
         return self._per_model_batch(self.params, x)
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +96,8 @@ class StackedModels:
             return forward_bmm(self.base, self.params, x.expand(self.k, *x.shape))
         if self.layout == "grouped":
             return forward_grouped(self.base, self.params, x, shared=True)
+        if self.layout == "triton":
+            return forward_triton(self.base, self.params, x, shared=True)
         return self._shared_batch(self.params, x)
 
     def unstack(self) -> list[torch.nn.Module]:

@@ -1,6 +1,6 @@
 """farm.models' SmallCNN evaluated for K models at once from stacked parameters, without vmap.
 
-Two layouts of the activations, with the same parameters and the same results up to float rounding
+Three layouts of the activations, with the same parameters and the same results up to float rounding
 (scripts/bench_stacked_step.py times them; docs/benchmarks.md has the figures and the choice):
 
 - "bmm" [K, B, H, W, C], model-major and channels-last: a 3x3 convolution is an im2col copy
@@ -8,7 +8,9 @@ Two layouts of the activations, with the same parameters and the same results up
   batched products too, so all the arithmetic is large matrix products on the tensor cores;
 - "grouped" [B, K*C, H, W], model k owning channels k*C .. k*C + C - 1: each convolution is one cuDNN call
   with groups=K (channels-last in memory on a GPU); a shared input (prediction) meets the first
-  convolution as one ordinary convolution with K*C filters.
+  convolution as one ordinary convolution with K*C filters;
+- "triton" [K, B, H, W, C] as "bmm", each convolution one launch of farm.stacked_triton's implicit-GEMM
+  kernel for all K models (GPU; no im2col copy, no per-group kernels).
 
 ReLU and max-pool are applied in the order pool, ReLU where the model has ReLU then pool: they commute
 exactly (ReLU is monotonic, so max(relu(a), relu(b)) = relu(max(a, b))), and pooling first makes the ReLU
@@ -80,17 +82,43 @@ def _pool_bmm(h: torch.Tensor, layer: nn.MaxPool2d) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).reshape(k, n, out.shape[2], out.shape[3], out.shape[1])
 
 
-def forward_bmm(base: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
-    """x [K, B, C, H, W] -> logits [K, B, n_classes]."""
-    h = _features(base, x.permute(0, 1, 3, 4, 2),
-                  lambda h, i, layer: _conv_bmm(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"],
-                                                layer),
-                  _pool_bmm)
-    k, n, hh, ww, c = h.shape
+def _forward_channels_last(base: nn.Module, params: dict, h: torch.Tensor, conv) -> torch.Tensor:
+    """h [K or 1, B, H, W, C] through base with conv(h, index, layer) -> logits [K, B, n_classes]."""
+    h = _features(base, h, conv, _pool_bmm)
+    _, n, hh, ww, c = h.shape
     first = next(i for i, m in enumerate(base.classifier) if isinstance(m, nn.Linear))
     w = params[f"classifier.{first}.weight"]  # [K, out, C*H*W]: reorder its columns to (H, W, C)
+    k = w.shape[0]
     w = w.view(k, -1, c, hh, ww).permute(0, 1, 3, 4, 2).reshape(k, w.shape[1], -1)
     return _classifier(base, params, h.reshape(k, n, -1), first_weight=w)
+
+
+def forward_bmm(base: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+    """x [K, B, C, H, W] -> logits [K, B, n_classes]."""
+    return _forward_channels_last(
+        base, params, x.permute(0, 1, 3, 4, 2),
+        lambda h, i, layer: _conv_bmm(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"], layer))
+
+
+# -------------------------------------------------------------------------------- layout "triton"
+
+def forward_triton(base: nn.Module, params: dict, x: torch.Tensor, shared: bool) -> torch.Tensor:
+    """x [K, B, C, H, W] (shared=False) or [B, C, H, W] the same for all models (shared=True) -> logits
+    [K, B, n_classes], every convolution one farm.stacked_triton kernel launch for all K models."""
+    from .stacked_triton import stacked_conv3x3  # imports Triton: only when this layout runs
+
+    h = x.unsqueeze(0) if shared else x
+    shared_input = [shared]  # only the first convolution sees the shared images
+
+    def conv(h, i, layer):
+        if (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups) != \
+                ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+            raise ValueError("the triton layout handles 3x3 convolutions with stride 1 and padding 1 only")
+        out = stacked_conv3x3(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"], shared_input[0])
+        shared_input[0] = False
+        return out
+
+    return _forward_channels_last(base, params, h.permute(0, 1, 3, 4, 2), conv)
 
 
 # ------------------------------------------------------------------------------- layout "grouped"

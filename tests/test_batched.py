@@ -56,7 +56,7 @@ def test_batch_models_is_validated():
     assert _spec(batch_models="auto").resources.batch_models == "auto"
 
 
-@pytest.mark.parametrize("layout", ["bmm", "grouped", "vmap"])
+@pytest.mark.parametrize("layout", ["bmm", "grouped", "vmap", "triton"])
 @pytest.mark.parametrize("size,channels", [(28, 1), (8, 1), (32, 3)])
 def test_stacked_layouts_match_each_model(layout, size, channels):
     """Every layout of the stacked forward (and its gradient) equals each model run on its own."""

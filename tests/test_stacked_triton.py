@@ -1,0 +1,77 @@
+"""farm.stacked_triton's stacked 3x3 convolution against torch's conv2d, model by model (on a CPU through
+Triton's interpreter, which tests/conftest.py turns on when there is no GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+stacked_triton = pytest.importorskip("farm.stacked_triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(x, w, b):
+    """Each model's own conv2d (NCHW), back to [K, B, H, W, O]; x may hold one input shared by all."""
+    return torch.stack([F.conv2d(x[min(k, len(x) - 1)].permute(0, 3, 1, 2), w[k], b[k], padding=1)
+                        .permute(0, 2, 3, 1) for k in range(len(w))])
+
+
+@pytest.mark.parametrize("k,n,h,w,c,o", [
+    (2, 2, 6, 5, 1, 8),     # the first layer: one channel, (tap, channel) pairs gathered together
+    (2, 3, 4, 4, 3, 16),    # RGB
+    (3, 2, 7, 7, 32, 20),   # whole channel blocks per tap; O not a power of two
+    (2, 1, 5, 5, 48, 72),   # C a multiple of 16 only; O over one 64-channel block
+    (2, 2, 3, 9, 20, 16),   # C that fits no block: gathered pairs, several reduction tiles
+    (1, 5, 8, 8, 16, 16),   # one model; M = 320 positions, three position tiles
+])
+def test_stacked_conv_and_gradients_match_conv2d(k, n, h, w, c, o):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(k, n, h, w, c, generator=gen).to(DEVICE).requires_grad_(True)
+    wt = torch.randn(k, o, c, 3, 3, generator=gen).to(DEVICE).requires_grad_(True)
+    b = torch.randn(k, o, generator=gen).to(DEVICE).requires_grad_(True)
+    out = stacked_triton.stacked_conv3x3(x, wt, b)
+    ref = reference(x, wt, b)
+    assert out.shape == (k, n, h, w, o)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    for got, expected in zip(torch.autograd.grad(out, (x, wt, b), g), torch.autograd.grad(ref, (x, wt, b), g)):
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_weight_gradient_summed_over_several_slices_is_deterministic(monkeypatch):
+    """Positions split into slices (8 here) whose partial sums add up to the whole, the same bits twice."""
+    monkeypatch.setattr(stacked_triton, "WGRAD_SLICE", 128)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 16, 16, generator=gen).to(DEVICE)
+    g = torch.randn(2, 4, 16, 16, 16, generator=gen).to(DEVICE)
+    got = stacked_triton._weight_grad(x, g)
+    assert torch.equal(got, stacked_triton._weight_grad(x, g))
+    # grad_w[k, (i*3 + j)*C + c, o] = sum over positions of in[k, b, y+i-1, x+j-1, c] * g[k, b, y, x, o]
+    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
+    expected = torch.stack([torch.einsum("kbyxc,kbyxo->kco", padded[:, :, i:i + 16, j:j + 16], g)
+                            for i in range(3) for j in range(3)], dim=1).reshape(2, 9 * 16, 16)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_shared_input_is_read_by_every_model_and_has_no_gradient():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 3, 5, 5, 1, generator=gen).to(DEVICE)
+    wt = torch.randn(4, 8, 1, 3, 3, generator=gen).to(DEVICE).requires_grad_(True)
+    b = torch.randn(4, 8, generator=gen).to(DEVICE)
+    out = stacked_triton.stacked_conv3x3(x, wt, b, shared=True)
+    torch.testing.assert_close(out, reference(x, wt, b), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="shared input"):
+        out.sum().backward()
+
+
+def test_weight_packing_orders():
+    """Row (i*3 + j)*C + c of the packed weight is w[:, :, c, i, j]; the transposed one flips the taps."""
+    w = torch.arange(2 * 4 * 3 * 9, dtype=torch.float32).view(2, 4, 3, 3, 3)
+    packed = stacked_triton.pack_weight(w)
+    flipped = stacked_triton.pack_weight_transposed(w)
+    for i in range(3):
+        for j in range(3):
+            for c in range(3):
+                assert torch.equal(packed[:, (i * 3 + j) * 3 + c, :], w[:, :, c, i, j])
+            for o in range(4):
+                assert torch.equal(flipped[:, (i * 3 + j) * 4 + o, :], w[:, o, :, 2 - i, 2 - j])
