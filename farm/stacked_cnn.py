@@ -10,7 +10,8 @@ Three layouts of the activations, with the same parameters and the same results 
   with groups=K (channels-last in memory on a GPU); a shared input (prediction) meets the first
   convolution as one ordinary convolution with K*C filters;
 - "triton" [K, B, H, W, C] as "bmm", each convolution one launch of farm.stacked_triton's implicit-GEMM
-  kernel for all K models (GPU; no im2col copy, no per-group kernels).
+  kernel for all K models, fused with the ReLU and max-pool after it (GPU; no im2col copy, no per-group
+  kernels, no full-resolution activations).
 
 ReLU and max-pool are applied in the order pool, ReLU where the model has ReLU then pool: they commute
 exactly (ReLU is monotonic, so max(relu(a), relu(b)) = relu(max(a, b))), and pooling first makes the ReLU
@@ -82,9 +83,8 @@ def _pool_bmm(h: torch.Tensor, layer: nn.MaxPool2d) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).reshape(k, n, out.shape[2], out.shape[3], out.shape[1])
 
 
-def _forward_channels_last(base: nn.Module, params: dict, h: torch.Tensor, conv) -> torch.Tensor:
-    """h [K or 1, B, H, W, C] through base with conv(h, index, layer) -> logits [K, B, n_classes]."""
-    h = _features(base, h, conv, _pool_bmm)
+def _classify_channels_last(base: nn.Module, params: dict, h: torch.Tensor) -> torch.Tensor:
+    """base.classifier on features h [K, B, H, W, C] -> logits [K, B, n_classes]."""
     _, n, hh, ww, c = h.shape
     first = next(i for i, m in enumerate(base.classifier) if isinstance(m, nn.Linear))
     w = params[f"classifier.{first}.weight"]  # [K, out, C*H*W]: reorder its columns to (H, W, C)
@@ -95,30 +95,49 @@ def _forward_channels_last(base: nn.Module, params: dict, h: torch.Tensor, conv)
 
 def forward_bmm(base: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
     """x [K, B, C, H, W] -> logits [K, B, n_classes]."""
-    return _forward_channels_last(
-        base, params, x.permute(0, 1, 3, 4, 2),
-        lambda h, i, layer: _conv_bmm(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"], layer))
+    h = _features(base, x.permute(0, 1, 3, 4, 2),
+                  lambda h, i, layer: _conv_bmm(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"],
+                                                layer),
+                  _pool_bmm)
+    return _classify_channels_last(base, params, h)
 
 
 # -------------------------------------------------------------------------------- layout "triton"
 
 def forward_triton(base: nn.Module, params: dict, x: torch.Tensor, shared: bool) -> torch.Tensor:
     """x [K, B, C, H, W] (shared=False) or [B, C, H, W] the same for all models (shared=True) -> logits
-    [K, B, n_classes], every convolution one farm.stacked_triton kernel launch for all K models."""
+    [K, B, n_classes]. Every convolution is one farm.stacked_triton kernel launch for all K models, fused
+    with the ReLU and 2x2 max-pool after it where the model has them (and the feature map is even-sized)."""
     from .stacked_triton import stacked_conv3x3  # imports Triton: only when this layout runs
 
-    h = x.unsqueeze(0) if shared else x
-    shared_input = [shared]  # only the first convolution sees the shared images
+    layers = list(base.features)
+    h = (x.unsqueeze(0) if shared else x).permute(0, 1, 3, 4, 2)  # [K or 1, B, H, W, C]
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, nn.Conv2d):
+            if (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups) != \
+                    ((3, 3), (1, 1), (1, 1), (1, 1), 1):
+                raise ValueError("the triton layout handles 3x3 convolutions with stride 1 and padding 1 only")
+            fuse = (i + 2 < len(layers) and isinstance(layers[i + 1], nn.ReLU) and _is_pool2(layers[i + 2])
+                    and h.shape[2] % 2 == 0 and h.shape[3] % 2 == 0)
+            h = stacked_conv3x3(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"],
+                                shared=shared and i == 0, pool=fuse)
+            i += 3 if fuse else 1
+        elif isinstance(layer, nn.ReLU):
+            h, i = F.relu(h), i + 1
+        elif isinstance(layer, nn.MaxPool2d):
+            h, i = _pool_bmm(h, layer), i + 1
+        else:
+            raise TypeError(f"stacked SmallCNN has no rule for {type(layer).__name__}")
+    return _classify_channels_last(base, params, h)
 
-    def conv(h, i, layer):
-        if (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups) != \
-                ((3, 3), (1, 1), (1, 1), (1, 1), 1):
-            raise ValueError("the triton layout handles 3x3 convolutions with stride 1 and padding 1 only")
-        out = stacked_conv3x3(h, params[f"features.{i}.weight"], params[f"features.{i}.bias"], shared_input[0])
-        shared_input[0] = False
-        return out
 
-    return _forward_channels_last(base, params, h.permute(0, 1, 3, 4, 2), conv)
+def _is_pool2(layer: nn.Module) -> bool:
+    """A 2x2, stride-2, unpadded max-pool (what farm.stacked_triton fuses)."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    return (isinstance(layer, nn.MaxPool2d) and pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2)
+            and pair(layer.padding) == (0, 0) and pair(layer.dilation) == (1, 1) and not layer.ceil_mode)
 
 
 # ------------------------------------------------------------------------------- layout "grouped"

@@ -1,27 +1,35 @@
-"""Stacked 3x3 convolutions of K small models, one Triton kernel launch for all K (GPU).
+"""Stacked 3x3 convolutions of K small models, one Triton kernel launch for all K (GPU), optionally fused
+with the ReLU and 2x2 max-pool that follow them in farm.models' SmallCNN.
 
-cuDNN runs a grouped convolution with groups=K as one small kernel per group, which leaves an H100/H200
-mostly idle for K=256 copies of farm.models' SmallCNN (docs/benchmarks.md). These kernels treat each of
-the K convolutions as an implicit GEMM and run all of them, for every tile, in one launch.
+cuDNN runs a grouped convolution with groups=K as one small kernel per group, and torch's max-pool
+backward over the first layer's full-resolution activations is slow; together they leave an H100/H200
+mostly idle for K=256 copies of SmallCNN (docs/benchmarks.md). These kernels treat each of the K
+convolutions as an implicit GEMM and run all of them, tile by tile, in one launch.
 
 Activations are [K, B, H, W, C] (model-major, channels-last, as farm.stacked_cnn's "bmm" layout) and the
 weights the model's own, stacked: w [K, O, C, 3, 3], b [K, O]. With stride 1 and zero padding 1,
 
-    out[k, b, y, x, o] = b[k, o] + sum_{i, j in 0..2} sum_c in[k, b, y+i-1, x+j-1, c] * w[k, o, c, i, j]
+    conv[k, b, y, x, o] = b[k, o] + sum_{i, j in 0..2} sum_c in[k, b, y+i-1, x+j-1, c] * w[k, o, c, i, j]
 
 (a cross-correlation, as torch.nn.functional.conv2d). Per model this is a matrix product of M = B*H*W
 positions by O channels with a reduction over R = 9*C (tap, channel) pairs, whose operand rows are
-gathered from the input on the fly (no im2col copy). Its gradients are two more such products:
+gathered from the input on the fly (no im2col copy). With pool=True the kernel also applies
 
-    grad_in[k, b, y, x, c] = sum_{i, j, o} grad_out[k, b, y+i-1, x+j-1, o] * w[k, o, c, 2-i, 2-j]
-        (the same kernel on grad_out, with the taps flipped and w's channel axes swapped)
-    grad_w[k, o, c, i, j]  = sum_{b, y, x} in[k, b, y+i-1, x+j-1, c] * grad_out[k, b, y, x, o]
-        (a reduction over M, split into S slices whose fp32 partial sums are added in a fixed order,
-        so the result is deterministic)
+    out[k, b, p, q, o] = relu(max_{s, t in 0..1} conv[k, b, 2p+s, 2q+t, o])
 
-Products accumulate in float32; the inputs' dtype (bf16 under autocast) is the operands' and the output's.
-Triton runs on NVIDIA and AMD GPUs; tests run the same kernels on a CPU through Triton's interpreter
-(TRITON_INTERPRET=1), in float32.
+in its epilogue and keeps, per output, which of the 4 positions won (4 where the ReLU zeroed it), so the
+full-resolution activations are never written. The gradients are two more implicit GEMMs, whose
+grad_conv operand is rebuilt from (grad_out, winner) on the fly when pooled:
+
+    grad_in[k, b, y, x, c] = sum_{i, j, o} grad_conv[k, b, y+i-1, x+j-1, o] * w[k, o, c, 2-i, 2-j]
+        (the forward kernel on grad_conv, with the taps flipped and w's channel axes swapped)
+    grad_w[k, o, c, i, j]  = sum_{b, y, x} in[k, b, y+i-1, x+j-1, c] * grad_conv[k, b, y, x, o]
+        (a reduction over M, split into slices whose fp32 partial sums are added in a fixed order, so the
+        result is deterministic)
+
+Products accumulate in float32; the inputs' dtype (bf16 under autocast) is the operands' and the output's,
+and the max is taken before that rounding. Triton runs on NVIDIA and AMD GPUs; tests run the same kernels
+on a CPU through Triton's interpreter (TRITON_INTERPRET=1), in float32.
 """
 from __future__ import annotations
 
@@ -29,31 +37,54 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 128  # output positions per program; a multiple of 16 (tl.dot) and of the wgrad slices
+BLOCK_M = 128  # conv positions per program: a multiple of 16 (tl.dot) and of 4 (one pooling window)
 WGRAD_SLICE = 8192  # positions per weight-gradient partial sum: enough programs for a large GPU at any K
+DEAD = 4  # the winner code of a pooled output the ReLU zeroed: no conv position gets its gradient
 
 
 @triton.jit
-def _conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, x_model_stride, M, H, W,
-                    C: tl.constexpr, O: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[k, m, n] = bias[k, n] + sum_r gather(x[k])[m, r] * w[k, r, n], r = (i*3 + j)*C + c."""
+def _load_operand(base, sel_base, bs, yy, xx, c, ok, H, W, C: tl.constexpr, POOLED: tl.constexpr):
+    """operand[b, y, x, c] for broadcastable index tensors, 0 where not ok. POOLED: the operand is the
+    gradient of a fused conv-ReLU-pool, stored as base [B, H/2, W/2, C] with winners sel_base: it is
+    grad_out at (y/2, x/2) where (y, x) won its window, else 0."""
+    if POOLED:
+        offs = ((bs * (H // 2) + yy // 2) * (W // 2) + xx // 2) * C + c
+        v = tl.load(base + offs, mask=ok, other=0.0)
+        won = tl.load(sel_base + offs, mask=ok, other=4) == ((yy % 2) * 2 + xx % 2).to(tl.int8)
+        return tl.where(won, v, tl.zeros_like(v))
+    else:
+        return tl.load(base + ((bs * H + yy) * W + xx) * C + c, mask=ok, other=0.0)
+
+
+@triton.jit(do_not_specialize=["x_model_stride", "M", "H", "W"])
+def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stride, M, H, W,
+                    C: tl.constexpr, O: tl.constexpr, HAS_BIAS: tl.constexpr, X_POOLED: tl.constexpr,
+                    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """conv[k, m, n] = bias[k, n] + sum_r gather(x[k])[m, r] * w[k, r, n], r = (i*3 + j)*C + c; stored as
+    is, or (POOL) as relu(max) over each 2x2 window with the winner in win_ptr."""
     pid_m, pid_n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < O
-    xs, ys, bs = m % W, (m // W) % H, m // (H * W)
+    if POOL:  # m runs over windows: 4 consecutive positions are one window, windows in (b, p, q) order
+        s, win = m % 4, m // 4
+        xs = (win % (W // 2)) * 2 + s % 2
+        ys = ((win // (W // 2)) % (H // 2)) * 2 + s // 2
+        bs = win // ((H // 2) * (W // 2))
+    else:
+        xs, ys, bs = m % W, (m // W) % H, m // (H * W)
     x_base = x_ptr + k * x_model_stride
+    sel_base = sel_ptr + k * x_model_stride
     w_base = w_ptr + k * (9 * C * O)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if C % BLOCK_R == 0:  # whole channel blocks per tap: contiguous loads along c
-        for tap in tl.static_range(9):
+        for tap in range(9):  # a loop, not unrolled: compiles in a fraction of the time
             yy, xx = ys + (tap // 3 - 1), xs + (tap % 3 - 1)
             ok = m_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            row = ((bs * H + yy) * W + xx) * C
             for c0 in tl.static_range(0, C, BLOCK_R):
                 c = c0 + tl.arange(0, BLOCK_R)
-                a = tl.load(x_base + row[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+                a = _load_operand(x_base, sel_base, bs[:, None], yy[:, None], xx[:, None], c[None, :],
+                                  ok[:, None], H, W, C, X_POOLED)
                 wt = tl.load(w_base + (tap * C + c)[:, None] * O + n[None, :], mask=n_ok[None, :], other=0.0)
                 acc = tl.dot(a, wt, acc)
     else:  # few channels (e.g. the first layer's 1 or 3): gather (tap, channel) pairs together
@@ -63,42 +94,57 @@ def _conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, x_model_stride, M, H, W,
             yy = ys[:, None] + (tap // 3 - 1)[None, :]
             xx = xs[:, None] + (tap % 3 - 1)[None, :]
             ok = m_ok[:, None] & (r < 9 * C)[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            a = tl.load(x_base + ((bs[:, None] * H + yy) * W + xx) * C + c[None, :], mask=ok, other=0.0)
+            a = _load_operand(x_base, sel_base, bs[:, None], yy, xx, c[None, :], ok, H, W, C, X_POOLED)
             wt = tl.load(w_base + r[:, None] * O + n[None, :], mask=(r < 9 * C)[:, None] & n_ok[None, :],
                          other=0.0)
             acc = tl.dot(a, wt, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * O + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + k * M * O + m[:, None] * O + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if POOL:
+        windows = tl.reshape(acc, (BLOCK_M // 4, 4, BLOCK_N))
+        best = tl.max(windows, axis=1)
+        winner = tl.argmax(windows, axis=1)
+        alive = best > 0
+        q = pid_m * (BLOCK_M // 4) + tl.arange(0, BLOCK_M // 4)
+        offs = k * (M // 4) * O + q[:, None] * O + n[None, :]
+        mask = (q < M // 4)[:, None] & n_ok[None, :]
+        tl.store(out_ptr + offs, tl.where(alive, best, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(win_ptr + offs, tl.where(alive, winner, 4).to(tl.int8), mask=mask)
+    else:
+        tl.store(out_ptr + k * M * O + m[:, None] * O + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _conv3x3_wgrad_kernel(x_ptr, g_ptr, part_ptr, M, H, W, n_slices, slice_len,
-                          C: tl.constexpr, O: tl.constexpr,
+@triton.jit(do_not_specialize=["M", "H", "W", "n_slices", "slice_len"])
+def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, slice_len,
+                          C: tl.constexpr, O: tl.constexpr, G_POOLED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """part[s, k, r, n] = sum over the positions m of slice s of gather(x[k])[m, r] * g[k, m, n]."""
-    pid_r, pid_n, pid_ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """part[s, k, r, n] = sum over the positions m of slice s of gather(x[k])[m, r] * grad_conv[k, m, n]."""
+    pid_ks, pid_r, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # K*S on the grid's long axis
     k, s = (pid_ks // n_slices).to(tl.int64), pid_ks % n_slices
-    n_models = tl.num_programs(2) // n_slices
+    n_models = tl.num_programs(0) // n_slices
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok, n_ok = r < 9 * C, n < O
     tap, c = r // C, r % C
+    if C % BLOCK_R == 0:  # one tap per tile: its channels are contiguous
+        tap = (pid_r * BLOCK_R) // C + tl.zeros((BLOCK_R,), dtype=tl.int32)
+        c = (pid_r * BLOCK_R) % C + tl.arange(0, BLOCK_R)
     dy, dx = tap // 3 - 1, tap % 3 - 1
     x_base = x_ptr + k * M * C
-    g_base = g_ptr + k * M * O
+    g_off = k * (M // 4 if G_POOLED else M) * O
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     for m0 in range(s * slice_len, tl.minimum(s * slice_len + slice_len, M), BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < M
         xs, ys, bs = m % W, (m // W) % H, m // (H * W)
-        yy = ys[None, :] + dy[:, None]
-        xx = xs[None, :] + dx[:, None]
-        ok = r_ok[:, None] & m_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        a = tl.load(x_base + ((bs[None, :] * H + yy) * W + xx) * C + c[:, None], mask=ok, other=0.0)
-        g = tl.load(g_base + m[:, None] * O + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, g, acc)
+        yy = ys[:, None] + dy[None, :]
+        xx = xs[:, None] + dx[None, :]
+        ok = m_ok[:, None] & r_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        a = tl.load(x_base + ((bs[:, None] * H + yy) * W + xx) * C + c[None, :], mask=ok, other=0.0)
+        g = _load_operand(g_ptr + g_off, sel_ptr + g_off, bs[:, None], ys[:, None], xs[:, None], n[None, :],
+                          m_ok[:, None] & n_ok[None, :], H, W, O, G_POOLED)
+        acc = tl.dot(tl.trans(a), g, acc)
     part = part_ptr + ((s * n_models + k) * (9 * C) + r[:, None]) * O + n[None, :]
     tl.store(part, acc, mask=r_ok[:, None] & n_ok[None, :])
 
@@ -116,23 +162,39 @@ def _reduction_block(c: int) -> int:
     return _block(9 * c, 32)
 
 
-def _conv(x: torch.Tensor, w_packed: torch.Tensor, bias: torch.Tensor | None, model_stride: int,
-          k: int) -> torch.Tensor:
-    """x [K or 1, B, H, W, C] contiguous, w_packed [K, 9*C, O] -> [K, B, H, W, O] in x's dtype."""
-    _, n, h, wd, c = x.shape
-    o = w_packed.shape[2]
+def conv_constants(c: int, o: int, pool: bool, x_pooled: bool, has_bias: bool) -> dict:
+    """The compile-time constants of one _conv3x3_kernel launch (scripts/check_triton_compile.py uses them)."""
+    return dict(C=c, O=o, HAS_BIAS=has_bias, X_POOLED=x_pooled, POOL=pool, BLOCK_M=BLOCK_M, BLOCK_N=_block(o, 64),
+                BLOCK_R=_reduction_block(c))
+
+
+def wgrad_constants(c: int, o: int, pooled: bool) -> dict:
+    """The compile-time constants of one _conv3x3_wgrad_kernel launch."""
+    return dict(C=c, O=o, G_POOLED=pooled, BLOCK_M=BLOCK_M, BLOCK_N=_block(o, 64),
+                BLOCK_R=_reduction_block(c) if c % 16 == 0 else _block(9 * c, 64))
+
+
+def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bias: torch.Tensor | None,
+          model_stride: int, k: int, size: tuple[int, int, int], pool: bool):
+    """The forward kernel: x [K or 1, B, H, W, C] contiguous (or, with sel, a pooled gradient
+    [K, B, H/2, W/2, C] and its winners), w_packed [K, 9*C, O]; size = (B, H, W) of the convolution.
+    Returns [K, B, H, W, O], or with pool ([K, B, H/2, W/2, O], winners int8 of that shape)."""
+    n, h, wd = size
+    c, o = x.shape[-1], w_packed.shape[2]
     m = n * h * wd
-    out = torch.empty((k, n, h, wd, o), device=x.device, dtype=x.dtype)
-    block_n = _block(o, 64)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(o, block_n), k)
-    _conv3x3_kernel[grid](x, w_packed, bias if bias is not None else w_packed, out, model_stride, m, h, wd,
-                          C=c, O=o, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-                          BLOCK_R=_reduction_block(c))
-    return out
+    shape = (k, n, h // 2, wd // 2, o) if pool else (k, n, h, wd, o)
+    out = torch.empty(shape, device=x.device, dtype=x.dtype)
+    winners = torch.empty(shape, device=x.device, dtype=torch.int8) if pool else out
+    const = conv_constants(c, o, pool, sel is not None, bias is not None)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(o, const["BLOCK_N"]), k)
+    _conv3x3_kernel[grid](x, sel if sel is not None else x, w_packed, bias if bias is not None else w_packed,
+                          out, winners, model_stride, m, h, wd, **const)
+    return (out, winners) if pool else out
 
 
-def _weight_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """x [K, B, H, W, C], g [K, B, H, W, O] (both contiguous) -> float32 [K, 9*C, O]."""
+def _weight_grad(x: torch.Tensor, g: torch.Tensor, sel: torch.Tensor | None = None) -> torch.Tensor:
+    """x [K, B, H, W, C], g the gradient at the convolution's output, [K, B, H, W, O] (or, with its
+    winners sel, the pooled gradient [K, B, H/2, W/2, O]); all contiguous -> float32 [K, 9*C, O]."""
     k, n, h, wd, c = x.shape
     o = g.shape[-1]
     m = n * h * wd
@@ -140,10 +202,9 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     slice_len = triton.cdiv(triton.cdiv(m, n_slices), BLOCK_M) * BLOCK_M
     n_slices = triton.cdiv(m, slice_len)
     part = torch.empty((n_slices, k, 9 * c, o), device=x.device, dtype=torch.float32)
-    block_r, block_n = _block(9 * c, 64), _block(o, 64)
-    grid = (triton.cdiv(9 * c, block_r), triton.cdiv(o, block_n), k * n_slices)
-    _conv3x3_wgrad_kernel[grid](x, g, part, m, h, wd, n_slices, slice_len, C=c, O=o,
-                                BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=block_r)
+    const = wgrad_constants(c, o, sel is not None)
+    grid = (k * n_slices, triton.cdiv(9 * c, const["BLOCK_R"]), triton.cdiv(o, const["BLOCK_N"]))
+    _conv3x3_wgrad_kernel[grid](x, g, sel if sel is not None else g, part, m, h, wd, n_slices, slice_len, **const)
     return part.sum(0)
 
 
@@ -161,40 +222,45 @@ def pack_weight_transposed(w: torch.Tensor) -> torch.Tensor:
 
 class _StackedConv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, shared):
+    def forward(ctx, x, w, b, shared, pool):
         k = w.shape[0]
         x = x.contiguous()
-        out = _conv(x, pack_weight(w), b.contiguous(), 0 if shared else x[0].numel(), k)
-        ctx.save_for_backward(x, w)
-        ctx.shared = shared
+        out = _conv(x, None, pack_weight(w), b.contiguous(), 0 if shared else x[0].numel(), k, x.shape[1:4], pool)
+        out, winners = out if pool else (out, None)
+        ctx.save_for_backward(x, w, winners)
+        ctx.shared, ctx.pool = shared, pool
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w = ctx.saved_tensors
+        x, w, winners = ctx.saved_tensors
         if ctx.shared:
             raise RuntimeError("stacked_conv3x3: no gradient through a shared input (prediction only)")
         g = grad_out.contiguous()
-        k = w.shape[0]
+        k, o, c = w.shape[:3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _conv(g, pack_weight_transposed(w), None, g[0].numel(), k)
+            grad_x = _conv(g, winners, pack_weight_transposed(w), None, g[0].numel(), k, x.shape[1:4], False)
         if ctx.needs_input_grad[1]:
-            c, o = w.shape[2], w.shape[1]
-            grad_w = _weight_grad(x, g).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).to(w.dtype)
+            grad_w = _weight_grad(x, g, winners).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).to(w.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=(1, 2, 3), dtype=torch.float32).to(w.dtype)
-        return grad_x, grad_w, grad_b, None
+            alive = g if winners is None else torch.where(winners != DEAD, g, 0)
+            grad_b = alive.sum(dim=(1, 2, 3), dtype=torch.float32).to(w.dtype)
+        return grad_x, grad_w, grad_b, None, None
 
 
-def stacked_conv3x3(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool = False) -> torch.Tensor:
+def stacked_conv3x3(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, shared: bool = False,
+                    pool: bool = False) -> torch.Tensor:
     """K stride-1, padding-1 3x3 convolutions: x [K, B, H, W, C] (or [1, B, H, W, C], the same input for
-    every model, with shared=True; no gradient to it then), w [K, O, C, 3, 3], b [K, O] -> [K, B, H, W, O].
+    every model, with shared=True; no gradient to it then), w [K, O, C, 3, 3], b [K, O] -> [K, B, H, W, O];
+    with pool=True, followed by ReLU and a 2x2 stride-2 max-pool (H and W even) -> [K, B, H/2, W/2, O].
 
     Under autocast the operands are cast to its dtype (bf16), as a cuDNN convolution's would be."""
+    if pool and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(f"stacked_conv3x3: pool=True needs an even height and width, got {tuple(x.shape[2:4])}")
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
     with torch.autocast(device, enabled=False):
-        return _StackedConv3x3.apply(x, w, b, shared)
+        return _StackedConv3x3.apply(x, w, b, shared, pool)

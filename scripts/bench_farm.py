@@ -307,7 +307,7 @@ def main() -> None:
     ap.add_argument("--cold-workers", action="store_true", help="runner benchmark: Ray workers without "
                     "preloaded torch (each actor imports it on start, and torch._dynamo on its first job)")
     ap.add_argument("--gpu-kernels", choices=("deterministic", "autotuned"), help="resources.gpu_kernels")
-    ap.add_argument("--layout", choices=("bmm", "grouped", "vmap"),
+    ap.add_argument("--layout", choices=("bmm", "grouped", "triton", "vmap"),
                     help="stacked SmallCNN layout (farm.stacked_cnn; default: farm.batched's choice per device)")
     args = ap.parse_args()
     import torch

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """One stacked training step of the preset's CNN (K models x batch B on 28x28 inputs), and one stacked
 prediction chunk, in several variants, to choose how farm.batched runs: the layouts of farm.stacked_cnn
-(batched products, grouped convolutions) and generic vmap, fp32 versus bf16 autocast, deterministic cuDNN
-kernels versus autotuned ones. Prints ms per training step, model-steps per second, the arithmetic rate
-reached (3 x the forward FLOPs, counted from the layer shapes), and ms per 1,000 image-model predictions.
+(batched products, grouped convolutions, Triton kernels) and generic vmap, fp32 versus bf16 autocast,
+deterministic cuDNN kernels versus autotuned ones. Prints ms per training step, model-steps per second,
+the arithmetic rate reached (3 x the forward FLOPs, counted from the layer shapes), and ms per 1,000
+image-model predictions.
 With --profile, the fastest variant's costliest operators; with --compile, every variant under
 torch.compile (its compile time shows in the first step's time).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 
 import torch
@@ -54,7 +56,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="kernel table of the fastest variant")
-    ap.add_argument("--layouts", nargs="+", default=["bmm", "grouped", "vmap"])
+    ap.add_argument("--layouts", nargs="+", default=["bmm", "grouped", "triton", "vmap"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--kernels", nargs="+", default=["deterministic", "autotuned"])
     ap.add_argument("--compile", action="store_true",
@@ -74,6 +76,10 @@ def main() -> None:
     for impl, precision, kernels in variants:
         if device.type == "cpu" and kernels == "autotuned":
             continue  # the same code as another row on a CPU
+        if device.type == "cpu" and impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            print(f"  {impl:<8} {precision:<5} {kernels:<13} skipped: Triton kernels need a GPU "
+                  "(or TRITON_INTERPRET=1, slowly)")
+            continue
         torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
         torch.backends.cudnn.benchmark = kernels == "autotuned"
         torch.manual_seed(0)

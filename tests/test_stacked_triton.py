@@ -2,9 +2,15 @@
 Triton's interpreter, which tests/conftest.py turns on when there is no GPU)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests.conftest import REPO
 
 stacked_triton = pytest.importorskip("farm.stacked_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,6 +44,43 @@ def test_stacked_conv_and_gradients_match_conv2d(k, n, h, w, c, o):
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
 
 
+def reference_pooled(x, w, b):
+    """conv -> ReLU -> 2x2 max-pool per model, as farm.models' SmallCNN runs it."""
+    conv = reference(x, w, b)
+    k, n = conv.shape[:2]
+    pooled = F.max_pool2d(F.relu(conv).flatten(0, 1).permute(0, 3, 1, 2), 2)
+    return pooled.permute(0, 2, 3, 1).reshape(k, n, *pooled.shape[2:], -1)
+
+
+@pytest.mark.parametrize("k,n,h,w,c,o", [
+    (2, 2, 6, 4, 1, 8),     # the first layer's one channel
+    (2, 2, 8, 6, 32, 20),   # whole channel blocks; O not a power of two
+    (2, 3, 6, 6, 48, 72),   # 108 positions, one partial tile; O over one block
+    (3, 1, 4, 10, 20, 16),  # gathered (tap, channel) pairs
+])
+def test_fused_conv_relu_pool_and_gradients_match_torch(k, n, h, w, c, o):
+    """pool=True equals conv2d, ReLU, max_pool2d(2) model by model, gradients included (the gradient reaches
+    each window's winner, and nothing where the ReLU zeroed the window)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(k, n, h, w, c, generator=gen).to(DEVICE).requires_grad_(True)
+    wt = torch.randn(k, o, c, 3, 3, generator=gen).to(DEVICE).requires_grad_(True)
+    b = torch.randn(k, o, generator=gen).to(DEVICE).requires_grad_(True)
+    out = stacked_triton.stacked_conv3x3(x, wt, b, pool=True)
+    ref = reference_pooled(x, wt, b)
+    assert out.shape == (k, n, h // 2, w // 2, o)
+    assert (ref == 0).any() and (ref > 0).any()  # both sides of the ReLU are exercised
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    for got, expected in zip(torch.autograd.grad(out, (x, wt, b), g), torch.autograd.grad(ref, (x, wt, b), g)):
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_fused_pool_needs_an_even_feature_map():
+    x, w, b = torch.zeros(1, 1, 5, 4, 1), torch.zeros(1, 4, 1, 3, 3), torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="even height and width"):
+        stacked_triton.stacked_conv3x3(x, w, b, pool=True)
+
+
 def test_weight_gradient_summed_over_several_slices_is_deterministic(monkeypatch):
     """Positions split into slices (8 here) whose partial sums add up to the whole, the same bits twice."""
     monkeypatch.setattr(stacked_triton, "WGRAD_SLICE", 128)
@@ -60,6 +103,8 @@ def test_shared_input_is_read_by_every_model_and_has_no_gradient():
     b = torch.randn(4, 8, generator=gen).to(DEVICE)
     out = stacked_triton.stacked_conv3x3(x, wt, b, shared=True)
     torch.testing.assert_close(out, reference(x, wt, b), atol=1e-4, rtol=1e-4)
+    pooled = stacked_triton.stacked_conv3x3(x[:, :, :4, :4], wt, b, shared=True, pool=True)
+    torch.testing.assert_close(pooled, reference_pooled(x[:, :, :4, :4], wt, b), atol=1e-4, rtol=1e-4)
     with pytest.raises(RuntimeError, match="shared input"):
         out.sum().backward()
 
@@ -75,3 +120,15 @@ def test_weight_packing_orders():
                 assert torch.equal(packed[:, (i * 3 + j) * 3 + c, :], w[:, :, c, i, j])
             for o in range(4):
                 assert torch.equal(flipped[:, (i * 3 + j) * 4 + o, :], w[:, o, :, 2 - i, 2 - j])
+
+
+def test_kernels_compile_for_a_hopper_gpu(tmp_path):
+    """Triton's real compiler and ptxas (in Triton's wheel) lower every launch for sm_90 (H100/H200) within
+    its shared memory: what the interpreter above cannot check."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    proc = subprocess.run([sys.executable, "scripts/check_triton_compile.py", "--width", "4", "--dtypes", "bf16"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" s, shared memory ") == 10
+    assert "all kernels compile for sm_90" in proc.stdout

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Compile farm.stacked_triton's kernels for an NVIDIA GPU architecture without a GPU: every launch that a
+stacked SmallCNN of the given width makes (forward with pooling, gradient to the input from a pooled
+gradient, weight gradients, and the unpooled forms), through Triton's own compiler and ptxas. Catches what
+the CPU interpreter cannot: lowering errors, and shared memory beyond the card's. Prints each kernel's
+compile time and shared memory.
+
+    python scripts/check_triton_compile.py                 # sm_90 (H100/H200), width 32, bf16 and fp32
+    python scripts/check_triton_compile.py --width 4 --dtypes bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launches(width: int) -> list[tuple[str, dict]]:
+    """(kernel, constants) of a SmallCNN with one input channel: conv(1 -> w) and conv(w -> 2w), each
+    followed by ReLU and a 2x2 max-pool, plus the unpooled forms (odd feature maps)."""
+    from farm.stacked_triton import conv_constants, wgrad_constants
+
+    out = []
+    for c, o in ((1, width), (width, 2 * width)):
+        out += [("conv", conv_constants(c, o, pool=True, x_pooled=False, has_bias=True)),
+                ("conv", conv_constants(c, o, pool=False, x_pooled=False, has_bias=True)),
+                ("wgrad", wgrad_constants(c, o, pooled=True)),
+                ("wgrad", wgrad_constants(c, o, pooled=False))]
+    # the gradient to conv2's input: conv2's taps flipped over its output gradient (2w -> w channels)
+    out += [("conv", conv_constants(2 * width, width, pool=False, x_pooled=True, has_bias=False)),
+            ("conv", conv_constants(2 * width, width, pool=False, x_pooled=False, has_bias=False))]
+    return out
+
+
+def signature(kernel: str, const: dict, dtype: str) -> dict:
+    pooled_in = const.get("X_POOLED") or const.get("G_POOLED")
+    if kernel == "conv":
+        args = {"x_ptr": f"*{dtype}", "sel_ptr": "*i8" if pooled_in else f"*{dtype}", "w_ptr": f"*{dtype}",
+                "b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "win_ptr": "*i8" if const["POOL"] else f"*{dtype}",
+                "x_model_stride": "i64", "M": "i32", "H": "i32", "W": "i32"}
+    else:
+        args = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "sel_ptr": "*i8" if pooled_in else f"*{dtype}",
+                "part_ptr": "*fp32", "M": "i32", "H": "i32", "W": "i32", "n_slices": "i32", "slice_len": "i32"}
+    return {**args, **dict.fromkeys(const, "constexpr")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--width", type=int, default=32, help="SmallCNN width (the presets' is 32)")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--shared-memory", type=int, default=227 * 1024,
+                    help="bytes of shared memory a block may use (H100/H200: 227 KiB)")
+    args = ap.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from farm import stacked_triton
+
+    kernels = {"conv": stacked_triton._conv3x3_kernel, "wgrad": stacked_triton._conv3x3_wgrad_kernel}
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for dtype in args.dtypes:
+        for name, const in launches(args.width):
+            sig = signature(name, const, dtype)
+            names = list(sig)
+            src = ASTSource(fn=kernels[name], signature=sig,
+                            constexprs={(names.index(key),): value for key, value in const.items()})
+            t0 = time.perf_counter()
+            compiled = triton.compile(src, target=target)
+            shared = compiled.metadata.shared
+            ok = shared <= args.shared_memory
+            failures += not ok
+            flags = " ".join(f"{key}={value}" for key, value in const.items())
+            print(f"  {name:<5} {dtype:<4} {flags}: {time.perf_counter() - t0:5.1f} s, shared memory {shared} B"
+                  f"{'' if ok else ' -- OVER THE LIMIT'}", flush=True)
+    if failures:
+        raise SystemExit(f"check_triton_compile: {failures} kernel(s) need more shared memory than sm_{args.arch} has")
+    print(f"all kernels compile for sm_{args.arch}")
+
+
+if __name__ == "__main__":
+    main()
