@@ -111,6 +111,35 @@ def test_prediction_paths_and_chunks_give_the_same_logits(monkeypatch):
     monkeypatch.setattr(training, "CPU_CHUNK_PIXELS", 64 * 6)  # 6 images of 8x8 a chunk
     small = np.stack([training.predict_logits(m, images, queries, 1000) for m in models])
     np.testing.assert_allclose(small, one_by_one, rtol=1e-5, atol=1e-6)
+    stack.layout = "triton"  # the GPU's Triton kernels (here through Triton's interpreter), chunks of 7
+    np.testing.assert_allclose(batched.predict_stacked_chunks(stack, images, queries, 7), one_by_one,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_triton_layout_trains_like_grouped_convolutions():
+    """train_stacked (padding, masking, SGD, cosine schedule) through the Triton kernels ends where the
+    grouped-convolution layout does, up to float rounding."""
+    from farm import batched
+    from farm.models import build_model
+    from farm.spec import ModelSpec, TrainingSpec
+
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(40, 1, 8, 8, generator=gen)
+    labels = torch.randint(0, 10, (40,), generator=gen)
+    train_sets = [np.arange(0, 40, 2), np.arange(1, 35, 2)]  # different sizes: the shorter one is padded
+    cfg = TrainingSpec(epochs=2, batch_size=8, lr=0.05)
+    final = {}
+    for layout in ("grouped", "triton"):
+        torch.manual_seed(5)
+        stack = batched.StackedModels([build_model(ModelSpec(width=4), 1, 10, 8) for _ in range(2)])
+        stack.layout = layout
+        initial = {name: p.detach().clone() for name, p in stack.params.items()}
+        batched.train_stacked(stack, images, labels, train_sets, cfg,
+                              [torch.Generator().manual_seed(s) for s in (6, 7)])
+        final[layout] = {name: p.detach().clone() for name, p in stack.params.items()}
+    for name, p in final["grouped"].items():
+        assert not torch.allclose(p, initial[name], atol=1e-3)  # the 6 SGD steps moved every tensor
+        torch.testing.assert_close(final["triton"][name], p, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_precision_trains_comparable_models(tmp_path):
