@@ -12,7 +12,8 @@ gradient; SGD with momentum and weight decay is elementwise, so one torch.optim.
 tensors is K independent optimisers.
 
 The stacked forward pass: farm.models' SmallCNN runs through farm.stacked_cnn's batched products or
-grouped convolutions (layout chosen by measurement); any other buffer-free module goes through
+grouped convolutions (layout chosen by measurement), or, opted into, its Triton kernels for a GPU
+(layout "triton", not yet measured there); any other buffer-free module goes through
 torch.func.vmap(functional_call), which is generic.
 
 Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
@@ -39,7 +40,8 @@ from .training import apply_query, augment_batch, autocast, predict_logits
 
 # The stacked SmallCNN layout (farm.stacked_cnn) where none is set, chosen by scripts/bench_stacked_step.py
 # (docs/benchmarks.md): on a CPU, grouped convolutions; on a GPU, grouped convolutions when cuDNN may
-# autotune (resources.gpu_kernels: autotuned), batched products when it must stay deterministic.
+# autotune (resources.gpu_kernels: autotuned), batched products when it must stay deterministic. The "triton"
+# layout (farm.stacked_triton) is chosen only by hand (scripts' --layout) until a GPU measurement says more.
 DEFAULT_LAYOUT = {"cpu": "grouped", "cuda-autotuned": "grouped", "cuda-deterministic": "bmm"}
 
 
