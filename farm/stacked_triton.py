@@ -39,7 +39,7 @@ import triton.language as tl
 
 BLOCK_M = 128  # conv positions per program: a multiple of 16 (tl.dot) and of 4 (one pooling window)
 WGRAD_SLICE = 8192  # positions per weight-gradient partial sum: enough programs for a large GPU at any K
-DEAD = 4  # the winner code of a pooled output the ReLU zeroed: no conv position gets its gradient
+DEAD = 4  # the winner code of a pooled output the ReLU zeroed (the kernels' literal 4): no position gets its gradient
 
 
 @triton.jit
@@ -126,10 +126,11 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok, n_ok = r < 9 * C, n < O
-    tap, c = r // C, r % C
     if C % BLOCK_R == 0:  # one tap per tile: its channels are contiguous
         tap = (pid_r * BLOCK_R) // C + tl.zeros((BLOCK_R,), dtype=tl.int32)
         c = (pid_r * BLOCK_R) % C + tl.arange(0, BLOCK_R)
+    else:
+        tap, c = r // C, r % C
     dy, dx = tap // 3 - 1, tap % 3 - 1
     x_base = x_ptr + k * M * C
     g_off = k * (M // 4 if G_POOLED else M) * O
@@ -228,7 +229,7 @@ class _StackedConv3x3(torch.autograd.Function):
         out = _conv(x, None, pack_weight(w), b.contiguous(), 0 if shared else x[0].numel(), k, x.shape[1:4], pool)
         out, winners = out if pool else (out, None)
         ctx.save_for_backward(x, w, winners)
-        ctx.shared, ctx.pool = shared, pool
+        ctx.shared = shared
         return out
 
     @staticmethod
