@@ -57,7 +57,7 @@ def test_batch_models_is_validated():
 
 
 @pytest.mark.parametrize("layout", ["bmm", "grouped", "vmap", "triton"])
-@pytest.mark.parametrize("size,channels", [(28, 1), (8, 1), (32, 3)])
+@pytest.mark.parametrize("size,channels", [(28, 1), (8, 1), (32, 3), (7, 1)])  # 7: odd maps, unfused
 def test_stacked_layouts_match_each_model(layout, size, channels):
     """Every layout of the stacked forward (and its gradient) equals each model run on its own."""
     from farm.batched import StackedModels
