@@ -33,11 +33,18 @@ on a CPU through Triton's interpreter (TRITON_INTERPRET=1), in float32.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_M = 128  # conv positions per program: a multiple of 16 (tl.dot) and of 4 (one pooling window)
+# (BLOCK_M, num_warps, num_stages) that Triton times on a layer's first launch when GPU kernels may be
+# autotuned (resources.gpu_kernels: autotuned, which sets torch.backends.cudnn.benchmark), keeping the
+# fastest, as cuDNN does; "deterministic" always runs the first. The weight gradient keeps BLOCK_M (its
+# summation order) and tries the warps and stages only.
+TILES = [(128, 4, 3), (128, 8, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3), (128, 4, 4), (64, 8, 2), (256, 4, 2)]
 WGRAD_SLICE = 8192  # positions per weight-gradient partial sum: enough programs for a large GPU at any K
 DEAD = 4  # the winner code of a pooled output the ReLU zeroed (the kernels' literal 4): no position gets its gradient
 
@@ -164,8 +171,9 @@ def _reduction_block(c: int) -> int:
 
 
 def conv_constants(c: int, o: int, pool: bool, x_pooled: bool, has_bias: bool) -> dict:
-    """The compile-time constants of one _conv3x3_kernel launch (scripts/check_triton_compile.py uses them)."""
-    return dict(C=c, O=o, HAS_BIAS=has_bias, X_POOLED=x_pooled, POOL=pool, BLOCK_M=BLOCK_M, BLOCK_N=_block(o, 64),
+    """The compile-time constants of one _conv3x3_kernel launch but its tile (BLOCK_M), which TILES give
+    (scripts/check_triton_compile.py uses them)."""
+    return dict(C=c, O=o, HAS_BIAS=has_bias, X_POOLED=x_pooled, POOL=pool, BLOCK_N=_block(o, 64),
                 BLOCK_R=_reduction_block(c))
 
 
@@ -173,6 +181,35 @@ def wgrad_constants(c: int, o: int, pooled: bool) -> dict:
     """The compile-time constants of one _conv3x3_wgrad_kernel launch."""
     return dict(C=c, O=o, G_POOLED=pooled, BLOCK_M=BLOCK_M, BLOCK_N=_block(o, 64),
                 BLOCK_R=_reduction_block(c) if c % 16 == 0 else _block(9 * c, 64))
+
+
+@functools.cache
+def _autotuned() -> tuple:
+    """The two kernels wrapped in Triton's autotuner over TILES, made on first use (their keys: the layer's
+    shape constants, so one tuning serves every batch size)."""
+    conv = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in TILES],
+                           key=["C", "O", "POOL", "X_POOLED", "HAS_BIAS"])(_conv3x3_kernel)
+    wgrad = triton.autotune(list({(w, st): triton.Config({}, num_warps=w, num_stages=st)
+                                  for _, w, st in TILES}.values()),
+                            key=["C", "O", "G_POOLED"])(_conv3x3_wgrad_kernel)
+    return conv, wgrad
+
+
+def chosen_tiles() -> dict:
+    """What the autotuner kept so far, per kernel and key (layer constants and dtypes), as text (with a
+    single tile there is nothing to time: the tile last run)."""
+    if _autotuned.cache_info().currsize == 0:
+        return {}
+    out = {}
+    for tuner in _autotuned():
+        out |= {f"{tuner.fn.__name__}{key}": str(config) for key, config in tuner.cache.items()}
+        if not tuner.cache and hasattr(tuner, "best_config"):
+            out[tuner.fn.__name__] = str(tuner.best_config)
+    return out
+
+
+def _tuning() -> bool:
+    return torch.backends.cudnn.benchmark
 
 
 def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bias: torch.Tensor | None,
@@ -187,9 +224,16 @@ def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bia
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
     winners = torch.empty(shape, device=x.device, dtype=torch.int8) if pool else out
     const = conv_constants(c, o, pool, sel is not None, bias is not None)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(o, const["BLOCK_N"]), k)
-    _conv3x3_kernel[grid](x, sel if sel is not None else x, w_packed, bias if bias is not None else w_packed,
-                          out, winners, model_stride, m, h, wd, **const)
+    args = (x, sel if sel is not None else x, w_packed, bias if bias is not None else w_packed, out, winners,
+            model_stride, m, h, wd)
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, const["BLOCK_N"]), k
+
+    if _tuning():
+        _autotuned()[0][grid](*args, **const)
+    else:
+        _conv3x3_kernel[grid](*args, BLOCK_M=TILES[0][0], num_warps=TILES[0][1], num_stages=TILES[0][2], **const)
     return (out, winners) if pool else out
 
 
@@ -205,7 +249,11 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, sel: torch.Tensor | None = No
     part = torch.empty((n_slices, k, 9 * c, o), device=x.device, dtype=torch.float32)
     const = wgrad_constants(c, o, sel is not None)
     grid = (k * n_slices, triton.cdiv(9 * c, const["BLOCK_R"]), triton.cdiv(o, const["BLOCK_N"]))
-    _conv3x3_wgrad_kernel[grid](x, g, sel if sel is not None else g, part, m, h, wd, n_slices, slice_len, **const)
+    args = (x, g, sel if sel is not None else g, part, m, h, wd, n_slices, slice_len)
+    if _tuning():
+        _autotuned()[1][grid](*args, **const)
+    else:
+        _conv3x3_wgrad_kernel[grid](*args, num_warps=TILES[0][1], num_stages=TILES[0][2], **const)
     return part.sum(0)
 
 

@@ -125,6 +125,11 @@ def main() -> None:
         except Exception as exc:  # a variant the backend cannot run: say so and go on
             print(f"  {impl:<10} {precision:<5} {kernels:<13} failed: {type(exc).__name__}: {str(exc)[:120]}")
             continue
+        if impl == "triton" and kernels == "autotuned":
+            from farm.stacked_triton import chosen_tiles
+
+            for kernel, tile in chosen_tiles().items():
+                print(f"    autotuned tile {kernel}: {tile}")
         tflops = 3 * per_model * args.k * args.b / (ms / 1e3) / 1e12
         rows.append((impl, precision, kernels, ms, step))
         print(f"  {impl:<8} {precision:<5} {kernels:<13} {ms:8.2f} ms/step {args.k / ms * 1e3:8.0f} model-steps/s "

@@ -3,10 +3,12 @@
 stacked SmallCNN of the given width makes (forward with pooling, gradient to the input from a pooled
 gradient, weight gradients, and the unpooled forms), through Triton's own compiler and ptxas. Catches what
 the CPU interpreter cannot: lowering errors, and shared memory beyond the card's. Prints each kernel's
-compile time and shared memory.
+compile time and shared memory. By default each launch in its deterministic tile (the first of
+farm.stacked_triton.TILES); --all-tiles also every tile that autotuning tries.
 
     python scripts/check_triton_compile.py                 # sm_90 (H100/H200), width 32, bf16 and fp32
     python scripts/check_triton_compile.py --width 4 --dtypes bf16
+    python scripts/check_triton_compile.py --all-tiles     # minutes
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
     ap.add_argument("--width", type=int, default=32, help="SmallCNN width (the presets' is 32)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--all-tiles", action="store_true", help="every tile of TILES, not only the first")
     ap.add_argument("--shared-memory", type=int, default=227 * 1024,
                     help="bytes of shared memory a block may use (H100/H200: 227 KiB)")
     args = ap.parse_args()
@@ -65,20 +68,29 @@ def main() -> None:
     kernels = {"conv": stacked_triton._conv3x3_kernel, "wgrad": stacked_triton._conv3x3_wgrad_kernel}
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
+    tiles = stacked_triton.TILES if args.all_tiles else stacked_triton.TILES[:1]
     for dtype in args.dtypes:
         for name, const in launches(args.width):
-            sig = signature(name, const, dtype)
-            names = list(sig)
-            src = ASTSource(fn=kernels[name], signature=sig,
-                            constexprs={(names.index(key),): value for key, value in const.items()})
-            t0 = time.perf_counter()
-            compiled = triton.compile(src, target=target)
-            shared = compiled.metadata.shared
-            ok = shared <= args.shared_memory
-            failures += not ok
-            flags = " ".join(f"{key}={value}" for key, value in const.items())
-            print(f"  {name:<5} {dtype:<4} {flags}: {time.perf_counter() - t0:5.1f} s, shared memory {shared} B"
-                  f"{'' if ok else ' -- OVER THE LIMIT'}", flush=True)
+            seen = set()
+            for block_m, warps, stages in tiles:
+                if name == "conv":
+                    const = {**const, "BLOCK_M": block_m}
+                elif (warps, stages) in seen:  # the weight gradient's BLOCK_M is fixed: same kernel again
+                    continue
+                seen.add((warps, stages))
+                sig = signature(name, const, dtype)
+                names = list(sig)
+                src = ASTSource(fn=kernels[name], signature=sig,
+                                constexprs={(names.index(key),): value for key, value in const.items()})
+                t0 = time.perf_counter()
+                compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+                shared = compiled.metadata.shared
+                ok = shared <= args.shared_memory
+                failures += not ok
+                flags = " ".join(f"{key}={value}" for key, value in const.items())
+                print(f"  {name:<5} {dtype:<4} {flags} warps={warps} stages={stages}: "
+                      f"{time.perf_counter() - t0:5.1f} s, shared memory {shared} B"
+                      f"{'' if ok else ' -- OVER THE LIMIT'}", flush=True)
     if failures:
         raise SystemExit(f"check_triton_compile: {failures} kernel(s) need more shared memory than sm_{args.arch} has")
     print(f"all kernels compile for sm_{args.arch}")

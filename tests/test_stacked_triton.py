@@ -132,3 +132,29 @@ def test_kernels_compile_for_a_hopper_gpu(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" s, shared memory ") == 10
     assert "all kernels compile for sm_90" in proc.stdout
+
+
+def test_autotuned_launches_give_the_same_results(monkeypatch):
+    """With GPU kernels autotuned (cudnn.benchmark) the launches go through Triton's autotuner (here over
+    one tile, so nothing is timed) and give what the fixed tile gives."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 6, 6, 16, generator=gen).to(DEVICE).requires_grad_(True)
+    wt = torch.randn(2, 32, 16, 3, 3, generator=gen).to(DEVICE).requires_grad_(True)
+    b = torch.randn(2, 32, generator=gen).to(DEVICE).requires_grad_(True)
+
+    def run():
+        out = stacked_triton.stacked_conv3x3(x, wt, b, pool=True)
+        return (out, *torch.autograd.grad(out, (x, wt, b), torch.ones_like(out)))
+
+    fixed = run()
+    monkeypatch.setattr(stacked_triton, "TILES", [(64, 4, 2)])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    stacked_triton._autotuned.cache_clear()
+    try:
+        tuned = run()
+        assert stacked_triton._autotuned()[0].best_config.kwargs == {"BLOCK_M": 64}
+        assert "BLOCK_M: 64" in stacked_triton.chosen_tiles()["_conv3x3_kernel"]
+    finally:
+        stacked_triton._autotuned.cache_clear()
+    for a, b_ in zip(tuned, fixed):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
