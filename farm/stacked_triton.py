@@ -39,11 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 128  # conv positions per program: a multiple of 16 (tl.dot) and of 4 (one pooling window)
-# (BLOCK_M, num_warps, num_stages) that Triton times on a layer's first launch when GPU kernels may be
-# autotuned (resources.gpu_kernels: autotuned, which sets torch.backends.cudnn.benchmark), keeping the
-# fastest, as cuDNN does; "deterministic" always runs the first. The weight gradient keeps BLOCK_M (its
-# summation order) and tries the warps and stages only.
+BLOCK_M = 128  # the weight gradient's positions per step (its summation order); the forward's come from TILES
+# Tiles (BLOCK_M, num_warps, num_stages; BLOCK_M a multiple of 16 for tl.dot and of 4 for a pooling
+# window). When GPU kernels may be autotuned (resources.gpu_kernels: autotuned, which sets
+# torch.backends.cudnn.benchmark), Triton times them on a layer's first launch and keeps the fastest, as
+# cuDNN does; "deterministic" always runs the first. The weight gradient keeps BLOCK_M (its summation
+# order) and tries the warps and stages only.
 TILES = [(128, 4, 3), (128, 8, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3), (128, 4, 4), (64, 8, 2), (256, 4, 2)]
 WGRAD_SLICE = 8192  # positions per weight-gradient partial sum: enough programs for a large GPU at any K
 DEAD = 4  # the winner code of a pooled output the ReLU zeroed (the kernels' literal 4): no position gets its gradient
@@ -209,6 +210,8 @@ def chosen_tiles() -> dict:
 
 
 def _tuning() -> bool:
+    """Whether GPU kernels may be autotuned: farm.training.configure_gpu_kernels sets cudnn.benchmark for
+    resources.gpu_kernels: autotuned."""
     return torch.backends.cudnn.benchmark
 
 
