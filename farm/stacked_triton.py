@@ -67,7 +67,8 @@ def _load_operand(base, sel_base, bs, yy, xx, c, ok, H, W, C: tl.constexpr, POOL
 @triton.jit(do_not_specialize=["x_model_stride", "M", "H", "W"])
 def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stride, M, H, W,
                     C: tl.constexpr, O: tl.constexpr, HAS_BIAS: tl.constexpr, X_POOLED: tl.constexpr,
-                    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                    POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """conv[k, m, n] = bias[k, n] + sum_r gather(x[k])[m, r] * w[k, r, n], r = (i*3 + j)*C + c; stored as
     is, or (POOL) as relu(max) over each 2x2 window with the winner in win_ptr."""
     pid_m, pid_n, k = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -94,7 +95,7 @@ def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stri
                 a = _load_operand(x_base, sel_base, bs[:, None], yy[:, None], xx[:, None], c[None, :],
                                   ok[:, None], H, W, C, X_POOLED)
                 wt = tl.load(w_base + (tap * C + c)[:, None] * O + n[None, :], mask=n_ok[None, :], other=0.0)
-                acc = tl.dot(a, wt, acc)
+                acc = tl.dot(a, wt, acc, input_precision=PRECISION)
     else:  # few channels (e.g. the first layer's 1 or 3): gather (tap, channel) pairs together
         for r0 in tl.static_range(0, 9 * C, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
@@ -105,7 +106,7 @@ def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stri
             a = _load_operand(x_base, sel_base, bs[:, None], yy, xx, c[None, :], ok, H, W, C, X_POOLED)
             wt = tl.load(w_base + r[:, None] * O + n[None, :], mask=(r < 9 * C)[:, None] & n_ok[None, :],
                          other=0.0)
-            acc = tl.dot(a, wt, acc)
+            acc = tl.dot(a, wt, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k * O + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if POOL:
@@ -126,7 +127,8 @@ def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stri
 @triton.jit(do_not_specialize=["M", "H", "W", "n_slices", "slice_len"])
 def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, slice_len,
                           C: tl.constexpr, O: tl.constexpr, G_POOLED: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """part[s, k, r, n] = sum over the positions m of slice s of gather(x[k])[m, r] * grad_conv[k, m, n]."""
     pid_ks, pid_r, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # K*S on the grid's long axis
     k, s = (pid_ks // n_slices).to(tl.int64), pid_ks % n_slices
@@ -153,7 +155,7 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
         a = tl.load(x_base + ((bs[:, None] * H + yy) * W + xx) * C + c[None, :], mask=ok, other=0.0)
         g = _load_operand(g_ptr + g_off, sel_ptr + g_off, bs[:, None], ys[:, None], xs[:, None], n[None, :],
                           m_ok[:, None] & n_ok[None, :], H, W, O, G_POOLED)
-        acc = tl.dot(tl.trans(a), g, acc)
+        acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
     part = part_ptr + ((s * n_models + k) * (9 * C) + r[:, None]) * O + n[None, :]
     tl.store(part, acc, mask=r_ok[:, None] & n_ok[None, :])
 
@@ -171,17 +173,23 @@ def _reduction_block(c: int) -> int:
     return _block(9 * c, 32)
 
 
-def conv_constants(c: int, o: int, pool: bool, x_pooled: bool, has_bias: bool) -> dict:
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 products on tensor cores in tf32 where torch lets cuDNN use it (torch.backends.cudnn.allow_tf32,
+    on by default), else in full precision; other dtypes are unaffected."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32 else "tf32"
+
+
+def conv_constants(c: int, o: int, pool: bool, x_pooled: bool, has_bias: bool, precision: str = "tf32") -> dict:
     """The compile-time constants of one _conv3x3_kernel launch but its tile (BLOCK_M), which TILES give
     (scripts/check_triton_compile.py uses them)."""
     return dict(C=c, O=o, HAS_BIAS=has_bias, X_POOLED=x_pooled, POOL=pool, BLOCK_N=_block(o, 64),
-                BLOCK_R=_reduction_block(c))
+                BLOCK_R=_reduction_block(c), PRECISION=precision)
 
 
-def wgrad_constants(c: int, o: int, pooled: bool) -> dict:
+def wgrad_constants(c: int, o: int, pooled: bool, precision: str = "tf32") -> dict:
     """The compile-time constants of one _conv3x3_wgrad_kernel launch."""
     return dict(C=c, O=o, G_POOLED=pooled, BLOCK_M=BLOCK_M, BLOCK_N=_block(o, 64),
-                BLOCK_R=_reduction_block(c) if c % 16 == 0 else _block(9 * c, 64))
+                BLOCK_R=_reduction_block(c) if c % 16 == 0 else _block(9 * c, 64), PRECISION=precision)
 
 
 @functools.cache
@@ -226,7 +234,7 @@ def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bia
     shape = (k, n, h // 2, wd // 2, o) if pool else (k, n, h, wd, o)
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
     winners = torch.empty(shape, device=x.device, dtype=torch.int8) if pool else out
-    const = conv_constants(c, o, pool, sel is not None, bias is not None)
+    const = conv_constants(c, o, pool, sel is not None, bias is not None, dot_precision(x.dtype))
     args = (x, sel if sel is not None else x, w_packed, bias if bias is not None else w_packed, out, winners,
             model_stride, m, h, wd)
 
@@ -250,7 +258,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, sel: torch.Tensor | None = No
     slice_len = triton.cdiv(triton.cdiv(m, n_slices), BLOCK_M) * BLOCK_M
     n_slices = triton.cdiv(m, slice_len)
     part = torch.empty((n_slices, k, 9 * c, o), device=x.device, dtype=torch.float32)
-    const = wgrad_constants(c, o, sel is not None)
+    const = wgrad_constants(c, o, sel is not None, dot_precision(x.dtype))
     grid = (k * n_slices, triton.cdiv(9 * c, const["BLOCK_R"]), triton.cdiv(o, const["BLOCK_N"]))
     args = (x, g, sel if sel is not None else g, part, m, h, wd, n_slices, slice_len)
     if _tuning():

@@ -3,8 +3,9 @@
 stacked SmallCNN of the given width makes (forward with pooling, gradient to the input from a pooled
 gradient, weight gradients, and the unpooled forms), through Triton's own compiler and ptxas. Catches what
 the CPU interpreter cannot: lowering errors, and shared memory beyond the card's. Prints each kernel's
-compile time and shared memory. By default each launch in its deterministic tile (the first of
-farm.stacked_triton.TILES); --all-tiles also every tile that autotuning tries.
+compile time and shared memory (float32 in tf32 and in full precision). By default each launch in its
+deterministic tile (the first of farm.stacked_triton.TILES); --all-tiles also every tile that
+autotuning tries.
 
     python scripts/check_triton_compile.py                 # sm_90 (H100/H200), width 32, bf16 and fp32
     python scripts/check_triton_compile.py --width 4 --dtypes bf16
@@ -20,24 +21,27 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def launches(width: int) -> list[tuple[str, dict]]:
+def launches(width: int, precision: str) -> list[tuple[str, dict]]:
     """(kernel, constants) of a SmallCNN with one input channel: conv(1 -> w) and conv(w -> 2w), each
     followed by ReLU and a 2x2 max-pool, plus the unpooled forms (odd feature maps)."""
     from farm.stacked_triton import conv_constants, wgrad_constants
 
     out = []
     for c, o in ((1, width), (width, 2 * width)):
-        out += [("conv", conv_constants(c, o, pool=True, x_pooled=False, has_bias=True)),
-                ("conv", conv_constants(c, o, pool=False, x_pooled=False, has_bias=True)),
-                ("wgrad", wgrad_constants(c, o, pooled=True)),
-                ("wgrad", wgrad_constants(c, o, pooled=False))]
+        out += [("conv", conv_constants(c, o, pool=True, x_pooled=False, has_bias=True, precision=precision)),
+                ("conv", conv_constants(c, o, pool=False, x_pooled=False, has_bias=True, precision=precision)),
+                ("wgrad", wgrad_constants(c, o, pooled=True, precision=precision)),
+                ("wgrad", wgrad_constants(c, o, pooled=False, precision=precision))]
     # the gradient to conv2's input: conv2's taps flipped over its output gradient (2w -> w channels)
-    out += [("conv", conv_constants(2 * width, width, pool=False, x_pooled=True, has_bias=False)),
-            ("conv", conv_constants(2 * width, width, pool=False, x_pooled=False, has_bias=False))]
+    out += [("conv", conv_constants(2 * width, width, pool=False, x_pooled=True, has_bias=False,
+                                    precision=precision)),
+            ("conv", conv_constants(2 * width, width, pool=False, x_pooled=False, has_bias=False,
+                                    precision=precision))]
     return out
 
 
-def signature(kernel: str, const: dict, dtype: str) -> dict:
+def signature(kernel: str, arg_names: list[str], const: dict, dtype: str) -> dict:
+    """Argument types in the kernel's own order (Triton matches constants to arguments by position)."""
     pooled_in = const.get("X_POOLED") or const.get("G_POOLED")
     if kernel == "conv":
         args = {"x_ptr": f"*{dtype}", "sel_ptr": "*i8" if pooled_in else f"*{dtype}", "w_ptr": f"*{dtype}",
@@ -46,7 +50,10 @@ def signature(kernel: str, const: dict, dtype: str) -> dict:
     else:
         args = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "sel_ptr": "*i8" if pooled_in else f"*{dtype}",
                 "part_ptr": "*fp32", "M": "i32", "H": "i32", "W": "i32", "n_slices": "i32", "slice_len": "i32"}
-    return {**args, **dict.fromkeys(const, "constexpr")}
+    types = {**args, **dict.fromkeys(const, "constexpr")}
+    if sorted(types) != sorted(arg_names):
+        raise SystemExit(f"check_triton_compile: {kernel} takes {arg_names}, the check knows {list(types)}")
+    return {name: types[name] for name in arg_names}
 
 
 def main() -> None:
@@ -69,8 +76,11 @@ def main() -> None:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     tiles = stacked_triton.TILES if args.all_tiles else stacked_triton.TILES[:1]
-    for dtype in args.dtypes:
-        for name, const in launches(args.width):
+    # float32 runs in tf32 by default and in full precision where torch.backends.cudnn.allow_tf32 is off
+    runs = [(dtype, precision) for dtype in args.dtypes for precision in (("tf32", "ieee") if dtype == "fp32"
+                                                                          else ("tf32",))]
+    for dtype, precision in runs:
+        for name, const in launches(args.width, precision):
             seen = set()
             for block_m, warps, stages in tiles:
                 if name == "conv":
@@ -78,7 +88,7 @@ def main() -> None:
                 elif (warps, stages) in seen:  # the weight gradient's BLOCK_M is fixed: same kernel again
                     continue
                 seen.add((warps, stages))
-                sig = signature(name, const, dtype)
+                sig = signature(name, kernels[name].arg_names, const, dtype)
                 names = list(sig)
                 src = ASTSource(fn=kernels[name], signature=sig,
                                 constexprs={(names.index(key),): value for key, value in const.items()})

@@ -16,6 +16,12 @@ stacked_triton = pytest.importorskip("farm.stacked_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def full_precision_float32(monkeypatch):
+    """On a GPU, float32 in full precision on both sides (tf32 would differ from torch's by ~1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def reference(x, w, b):
     """Each model's own conv2d (NCHW), back to [K, B, H, W, O]; x may hold one input shared by all."""
     return torch.stack([F.conv2d(x[min(k, len(x) - 1)].permute(0, 3, 1, 2), w[k], b[k], padding=1)
@@ -130,7 +136,7 @@ def test_kernels_compile_for_a_hopper_gpu(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/check_triton_compile.py", "--width", "4", "--dtypes", "bf16"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" s, shared memory ") == 10
+    assert proc.stdout.count(" s, shared memory ") == 10  # bf16: 10 launches in the deterministic tile
     assert "all kernels compile for sm_90" in proc.stdout
 
 
