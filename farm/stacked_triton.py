@@ -28,7 +28,8 @@ grad_conv operand is rebuilt from (grad_out, winner) on the fly when pooled:
         result is deterministic)
 
 Products accumulate in float32; the inputs' dtype (bf16 under autocast) is the operands' and the output's,
-and the max is taken before that rounding. Triton runs on NVIDIA and AMD GPUs; tests run the same kernels
+and the max is taken before that rounding. Float32 operands multiply in tf32 where torch lets cuDNN do so
+(torch.backends.cudnn.allow_tf32), in full precision otherwise. Triton runs on NVIDIA and AMD GPUs; tests run the same kernels
 on a CPU through Triton's interpreter (TRITON_INTERPRET=1), in float32.
 """
 from __future__ import annotations
