@@ -326,6 +326,11 @@ def main() -> None:
         print(f"[batched] {args.dataset}: {n} shadow models stacked K={k} vs {base} of them one at a time "
               f"(+1 warm-up each)")
         bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data, base, args.gpu_kernels)
+        if args.layout == "triton":
+            from farm.stacked_triton import chosen_tiles
+
+            for kernel, tile in chosen_tiles().items():
+                print(f"  autotuned tile {kernel}: {tile}")
     if args.only in (None, "runner"):
         print("[runner] digits-demo models: Ray runner vs plain in-process loop"
               + (f" ({args.runner_epochs} epochs instead of 15)" if args.runner_epochs else ""))
