@@ -133,11 +133,14 @@ def forward_triton(base: nn.Module, params: dict, x: torch.Tensor, shared: bool)
     return _classify_channels_last(base, params, h)
 
 
+def _pair(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def _is_pool2(layer: nn.Module) -> bool:
     """A 2x2, stride-2, unpadded max-pool (what farm.stacked_triton fuses)."""
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
-    return (isinstance(layer, nn.MaxPool2d) and pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2)
-            and pair(layer.padding) == (0, 0) and pair(layer.dilation) == (1, 1) and not layer.ceil_mode)
+    return (isinstance(layer, nn.MaxPool2d) and _pair(layer.kernel_size) == (2, 2) and _pair(layer.stride) == (2, 2)
+            and _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1) and not layer.ceil_mode)
 
 
 # ------------------------------------------------------------------------------- layout "grouped"

@@ -29,8 +29,9 @@ grad_conv operand is rebuilt from (grad_out, winner) on the fly when pooled:
 
 Products accumulate in float32; the inputs' dtype (bf16 under autocast) is the operands' and the output's,
 and the max is taken before that rounding. Float32 operands multiply in tf32 where torch lets cuDNN do so
-(torch.backends.cudnn.allow_tf32), in full precision otherwise. Triton runs on NVIDIA and AMD GPUs; tests run the same kernels
-on a CPU through Triton's interpreter (TRITON_INTERPRET=1), in float32.
+(torch.backends.cudnn.allow_tf32), in full precision otherwise. scripts/check_triton_compile.py compiles
+the kernels for NVIDIA sm_90 (H100/H200); tests run them on a CPU through Triton's interpreter
+(TRITON_INTERPRET=1), in float32.
 """
 from __future__ import annotations
 
@@ -166,12 +167,13 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def _reduction_block(c: int) -> int:
-    """Reduction tile: whole channel blocks of one tap where C allows it, else (tap, channel) pairs."""
+def _reduction_block(c: int, pairs_cap: int) -> int:
+    """Reduction tile: whole channel blocks of one tap where C allows it, else up to pairs_cap (tap, channel)
+    pairs."""
     for block in (64, 32, 16):
         if c % block == 0:
             return block
-    return _block(9 * c, 32)
+    return _block(9 * c, pairs_cap)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -184,13 +186,13 @@ def conv_constants(c: int, o: int, pool: bool, x_pooled: bool, has_bias: bool, p
     """The compile-time constants of one _conv3x3_kernel launch but its tile (BLOCK_M), which TILES give
     (scripts/check_triton_compile.py uses them)."""
     return dict(C=c, O=o, HAS_BIAS=has_bias, X_POOLED=x_pooled, POOL=pool, BLOCK_N=_block(o, 64),
-                BLOCK_R=_reduction_block(c), PRECISION=precision)
+                BLOCK_R=_reduction_block(c, 32), PRECISION=precision)
 
 
 def wgrad_constants(c: int, o: int, pooled: bool, precision: str = "tf32") -> dict:
     """The compile-time constants of one _conv3x3_wgrad_kernel launch."""
     return dict(C=c, O=o, G_POOLED=pooled, BLOCK_M=BLOCK_M, BLOCK_N=_block(o, 64),
-                BLOCK_R=_reduction_block(c) if c % 16 == 0 else _block(9 * c, 64), PRECISION=precision)
+                BLOCK_R=_reduction_block(c, 64), PRECISION=precision)
 
 
 @functools.cache
