@@ -3,7 +3,8 @@
 # engine needs none). Fashion-MNIST comes from DATA (default data/fashion-mnist: the four IDX .gz files).
 # Each step has its own time limit, so one slow step does not cost the others; logs go to OUT (default .).
 # By default the issue's target, in the same call: 256 shadows stacked with the Triton kernels
-# (farm.stacked_triton), one training step per layout, and 256 shadows with the default layout; the limits
+# (farm.stacked_triton), one training step per layout (with its gradients checked against grouped
+# convolutions' on the same weights), and 256 shadows with the default layout; the limits
 # add up to 500 s, within one device call. PART=more runs the rest instead (a second call): the packing
 # figures, the batched-products profile and torch.compile timings.
 set -u

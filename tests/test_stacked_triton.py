@@ -164,3 +164,17 @@ def test_autotuned_launches_give_the_same_results(monkeypatch):
         stacked_triton._autotuned.cache_clear()
     for a, b_ in zip(tuned, fixed):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+
+
+def test_step_benchmark_checks_the_layouts_against_each_other():
+    """scripts/bench_stacked_step.py, which a lent GPU runs unchanged, at tiny sizes: every variant starts
+    from the same weights and batch, and the Triton layout's first gradients match grouped convolutions'."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "scripts/bench_stacked_step.py", "--k", "2", "--b", "2", "--width", "4",
+                           "--steps", "1", "--predict-images", "2", "--layouts", "grouped", "triton",
+                           "--precisions", "fp32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    triton_line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("triton"))
+    assert "vs the first" in triton_line, proc.stdout
+    grad_diff = float(triton_line.rsplit("gradients ", 1)[1].split()[0])
+    assert grad_diff < 1e-5, triton_line
