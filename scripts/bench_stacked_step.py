@@ -11,7 +11,7 @@ bf16, where layouts round at different places, grouped convolutions lay 5e-3 fro
 vmap 1e-1. (At --k 2 --b 2 --width 4, Triton kernels with the backward pass's taps left unflipped lay 0.92
 from grouped convolutions in float32.)
 With --profile, the fastest variant's costliest operators; with --compile, every variant under
-torch.compile (its compile time shows in the first step's time).
+torch.compile (its compile time shows in the first step's time: the first forward and backward).
 
     python scripts/bench_stacked_step.py             # K=256, B=256 (a GPU)
     python scripts/bench_stacked_step.py --k 4 --b 32 --steps 2 --predict-images 64   # smoke test on a CPU
@@ -110,13 +110,12 @@ def main() -> None:
             opt.step()
 
         try:
+            t0 = time.perf_counter()  # the first forward and backward: compiling and autotuning included
             agreement = compare_first_gradients(stack, forward_loss, images, labels,
                                                 references.setdefault(precision, {}))
-            t0 = time.perf_counter()
-            step()
             sync(device)
             first = time.perf_counter() - t0
-            for _ in range(2):
+            for _ in range(3):
                 step()
             sync(device)
             t0 = time.perf_counter()
