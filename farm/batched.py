@@ -29,7 +29,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from .models import SmallCNN

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import numpy as np
 
 from .datasets import Dataset, load_dataset
 from .engine import RunContext

@@ -264,31 +264,32 @@ def bench_store_columns(n_examples: int, n_queries: int, repeats: int = 30) -> N
     logits = (rng.normal(size=(n_examples, n_queries, 10)) * 3).astype(np.float32)
     table = logits_table(labels, logits, rng.random(n_examples) < 0.5, np.zeros(n_examples, bool), False)
 
-    def ms(fn):
-        fn()
+    def timed(fn):
+        """(median ms of `repeats` calls after a warm-up, what the calls return)."""
+        out = fn()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            out = fn()
             times.append(time.perf_counter() - t0)
-        return float(np.median(times)) * 1e3
+        return float(np.median(times)) * 1e3, out
 
     def encode(t, **kw):
         sink = pa.BufferOutputStream()
         pq.write_table(t, sink, write_statistics=False, **kw)
         return sink.getvalue()
 
-    size = parquet_bytes(table).size
-    print(f"  whole file, the store's encodings: {ms(lambda: parquet_bytes(table)):.2f} ms, {size / 1e6:.2f} MB")
+    t, buf = timed(lambda: parquet_bytes(table))
+    print(f"  whole file, the store's encodings: {t:.2f} ms, {buf.size / 1e6:.2f} MB")
     for name in table.column_names:
         one = table.select([name])
-        print(f"    {name:<11} alone: {ms(lambda: parquet_bytes(one)):.2f} ms, {parquet_bytes(one).size / 1e3:7.1f} KB")
-    plain = dict(compression="none", use_dictionary=False)
-    print(f"  plain layout (no compression, no dictionary): {ms(lambda: encode(table, **plain)):.2f} ms, "
-          f"{encode(table, **plain).size / 1e6:.2f} MB")
+        t, buf = timed(lambda: parquet_bytes(one))
+        print(f"    {name:<11} alone: {t:.2f} ms, {buf.size / 1e3:7.1f} KB")
+    t, buf = timed(lambda: encode(table, compression="none", use_dictionary=False))
+    print(f"  plain layout (no compression, no dictionary): {t:.2f} ms, {buf.size / 1e6:.2f} MB")
     pred = table.select(["pred"])
-    print(f"  pred with a dictionary: {ms(lambda: encode(pred, compression='none', use_dictionary=True)):.2f} ms, "
-          f"{encode(pred, compression='none', use_dictionary=True).size / 1e3:.1f} KB")
+    t, buf = timed(lambda: encode(pred, compression="none", use_dictionary=True))
+    print(f"  pred with a dictionary: {t:.2f} ms, {buf.size / 1e3:.1f} KB")
 
 
 def main() -> None:

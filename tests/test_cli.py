@@ -10,7 +10,6 @@ import threading
 import time
 
 import boto3
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml

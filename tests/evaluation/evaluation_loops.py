@@ -6,7 +6,6 @@ whose bit-exactness is tested separately.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from scipy import stats
