@@ -66,8 +66,8 @@ def _load_operand(base, sel_base, bs, yy, xx, c, ok, H, W, C: tl.constexpr, POOL
         return tl.load(base + ((bs * H + yy) * W + xx) * C + c, mask=ok, other=0.0)
 
 
-@triton.jit(do_not_specialize=["x_model_stride", "M", "H", "W"])
-def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stride, M, H, W,
+@triton.jit(do_not_specialize=["x_model_rows", "M", "H", "W"])
+def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_rows, M, H, W,
                     C: tl.constexpr, O: tl.constexpr, HAS_BIAS: tl.constexpr, X_POOLED: tl.constexpr,
                     POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -84,8 +84,10 @@ def _conv3x3_kernel(x_ptr, sel_ptr, w_ptr, b_ptr, out_ptr, win_ptr, x_model_stri
         bs = win // ((H // 2) * (W // 2))
     else:
         xs, ys, bs = m % W, (m // W) % H, m // (H * W)
-    x_base = x_ptr + k * x_model_stride
-    sel_base = sel_ptr + k * x_model_stride
+    # a model's input starts x_model_rows * C elements after the previous one (0: a shared input); written as
+    # a multiple of C, so the compiler can prove the rows' alignment and load them as vectors, asynchronously
+    x_base = x_ptr + k * x_model_rows * C
+    sel_base = sel_ptr + k * x_model_rows * C
     w_base = w_ptr + k * (9 * C * O)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if C % BLOCK_R == 0:  # whole channel blocks per tap: contiguous loads along c
@@ -138,12 +140,13 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok, n_ok = r < 9 * C, n < O
-    if C % BLOCK_R == 0:  # one tap per tile: its channels are contiguous
-        tap = (pid_r * BLOCK_R) // C + tl.zeros((BLOCK_R,), dtype=tl.int32)
-        c = (pid_r * BLOCK_R) % C + tl.arange(0, BLOCK_R)
-    else:
+    if C % BLOCK_R == 0:  # one tap per tile, a scalar offset: its channels are contiguous (vector loads)
+        tap = pid_r // (C // BLOCK_R)
+        c = (pid_r % (C // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)
+        dy, dx = tap // 3 - 1, tap % 3 - 1
+    else:  # a (tap, channel) pair per column
         tap, c = r // C, r % C
-    dy, dx = tap // 3 - 1, tap % 3 - 1
+        dy, dx = (tap // 3 - 1)[None, :], (tap % 3 - 1)[None, :]
     x_base = x_ptr + k * M * C
     g_off = k * (M // 4 if G_POOLED else M) * O
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -151,8 +154,8 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
         m = m0 + tl.arange(0, BLOCK_M)
         m_ok = m < M
         xs, ys, bs = m % W, (m // W) % H, m // (H * W)
-        yy = ys[:, None] + dy[None, :]
-        xx = xs[:, None] + dx[None, :]
+        yy = ys[:, None] + dy
+        xx = xs[:, None] + dx
         ok = m_ok[:, None] & r_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         a = tl.load(x_base + ((bs[:, None] * H + yy) * W + xx) * C + c[None, :], mask=ok, other=0.0)
         g = _load_operand(g_ptr + g_off, sel_ptr + g_off, bs[:, None], ys[:, None], xs[:, None], n[None, :],
@@ -227,9 +230,10 @@ def _tuning() -> bool:
 
 
 def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bias: torch.Tensor | None,
-          model_stride: int, k: int, size: tuple[int, int, int], pool: bool):
-    """The forward kernel: x [K or 1, B, H, W, C] contiguous (or, with sel, a pooled gradient
-    [K, B, H/2, W/2, C] and its winners), w_packed [K, 9*C, O]; size = (B, H, W) of the convolution.
+          shared: bool, k: int, size: tuple[int, int, int], pool: bool):
+    """The forward kernel: x [K, B, H, W, C] contiguous ([1, B, H, W, C] with shared: the same input for all
+    K; or, with sel, a pooled gradient [K, B, H/2, W/2, C] and its winners), w_packed [K, 9*C, O];
+    size = (B, H, W) of the convolution.
     Returns [K, B, H, W, O], or with pool ([K, B, H/2, W/2, O], winners int8 of that shape)."""
     n, h, wd = size
     c, o = x.shape[-1], w_packed.shape[2]
@@ -239,7 +243,7 @@ def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bia
     winners = torch.empty(shape, device=x.device, dtype=torch.int8) if pool else out
     const = conv_constants(c, o, pool, sel is not None, bias is not None, dot_precision(x.dtype))
     args = (x, sel if sel is not None else x, w_packed, bias if bias is not None else w_packed, out, winners,
-            model_stride, m, h, wd)
+            0 if shared else x[0].numel() // c, m, h, wd)
 
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, const["BLOCK_N"]), k
@@ -288,7 +292,7 @@ class _StackedConv3x3(torch.autograd.Function):
     def forward(ctx, x, w, b, shared, pool):
         k = w.shape[0]
         x = x.contiguous()
-        out = _conv(x, None, pack_weight(w), b.contiguous(), 0 if shared else x[0].numel(), k, x.shape[1:4], pool)
+        out = _conv(x, None, pack_weight(w), b.contiguous(), shared, k, x.shape[1:4], pool)
         out, winners = out if pool else (out, None)
         ctx.save_for_backward(x, w, winners)
         ctx.shared = shared
@@ -303,7 +307,7 @@ class _StackedConv3x3(torch.autograd.Function):
         k, o, c = w.shape[:3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _conv(g, winners, pack_weight_transposed(w), None, g[0].numel(), k, x.shape[1:4], False)
+            grad_x = _conv(g, winners, pack_weight_transposed(w), None, False, k, x.shape[1:4], False)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(x, g, winners).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).to(w.dtype)
         if ctx.needs_input_grad[2]:
