@@ -24,8 +24,10 @@ grad_conv operand is rebuilt from (grad_out, winner) on the fly when pooled:
     grad_in[k, b, y, x, c] = sum_{i, j, o} grad_conv[k, b, y+i-1, x+j-1, o] * w[k, o, c, 2-i, 2-j]
         (the forward kernel on grad_conv, with the taps flipped and w's channel axes swapped)
     grad_w[k, o, c, i, j]  = sum_{b, y, x} in[k, b, y+i-1, x+j-1, c] * grad_conv[k, b, y, x, o]
-        (a reduction over M, split into slices whose fp32 partial sums are added in a fixed order, so the
-        result is deterministic)
+    grad_b[k, o]           = sum_{b, y, x} 1 * grad_conv[k, b, y, x, o]
+        (one reduction over M, the bias as one more row of the weight gradient whose input is 1 everywhere,
+        so grad_conv is read once for both; split into slices whose fp32 partial sums are added in a fixed
+        order, so the result is deterministic)
 
 Products accumulate in float32; the inputs' dtype (bf16 under autocast) is the operands' and the output's,
 and the max is taken before that rounding. Float32 operands multiply in tf32 where torch lets cuDNN do so
@@ -49,7 +51,6 @@ BLOCK_M = 128  # the weight gradient's positions per step (its summation order);
 # order) and tries the warps and stages only.
 TILES = [(128, 4, 3), (128, 8, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3), (128, 4, 4), (64, 8, 2), (256, 4, 2)]
 WGRAD_SLICE = 8192  # positions per weight-gradient partial sum: enough programs for a large GPU at any K
-DEAD = 4  # the winner code of a pooled output the ReLU zeroed (the kernels' literal 4): no position gets its gradient
 
 
 @triton.jit
@@ -133,15 +134,16 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
                           C: tl.constexpr, O: tl.constexpr, G_POOLED: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """part[s, k, r, n] = sum over the positions m of slice s of gather(x[k])[m, r] * grad_conv[k, m, n]."""
+    """part[s, k, r, n] = sum over the positions m of slice s of gather(x[k])[m, r] * grad_conv[k, m, n], for
+    r < 9*C (the weights) and r = 9*C (the bias: gather(x[k])[m, 9*C] = 1)."""
     pid_ks, pid_r, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # K*S on the grid's long axis
     k, s = (pid_ks // n_slices).to(tl.int64), pid_ks % n_slices
     n_models = tl.num_programs(0) // n_slices
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok, n_ok = r < 9 * C, n < O
-    if C % BLOCK_R == 0:  # one tap per tile, a scalar offset: its channels are contiguous (vector loads)
-        tap = pid_r // (C // BLOCK_R)
+    if C % BLOCK_R == 0:  # one tap per tile, a scalar offset: its channels are contiguous (vector loads); tap 9:
+        tap = pid_r // (C // BLOCK_R)  # the bias row's tile (r_ok all false: no loads)
         c = (pid_r % (C // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)
         dy, dx = tap // 3 - 1, tap % 3 - 1
     else:  # a (tap, channel) pair per column
@@ -158,11 +160,12 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
         xx = xs[:, None] + dx
         ok = m_ok[:, None] & r_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         a = tl.load(x_base + ((bs[:, None] * H + yy) * W + xx) * C + c[None, :], mask=ok, other=0.0)
+        a = tl.where(m_ok[:, None] & (r == 9 * C)[None, :], 1.0, a).to(a.dtype)  # the bias row's input
         g = _load_operand(g_ptr + g_off, sel_ptr + g_off, bs[:, None], ys[:, None], xs[:, None], n[None, :],
                           m_ok[:, None] & n_ok[None, :], H, W, O, G_POOLED)
         acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
-    part = part_ptr + ((s * n_models + k) * (9 * C) + r[:, None]) * O + n[None, :]
-    tl.store(part, acc, mask=r_ok[:, None] & n_ok[None, :])
+    part = part_ptr + ((s * n_models + k) * (9 * C + 1) + r[:, None]) * O + n[None, :]
+    tl.store(part, acc, mask=(r <= 9 * C)[:, None] & n_ok[None, :])
 
 
 def _block(n: int, cap: int) -> int:
@@ -257,16 +260,17 @@ def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bia
 
 def _weight_grad(x: torch.Tensor, g: torch.Tensor, sel: torch.Tensor | None = None) -> torch.Tensor:
     """x [K, B, H, W, C], g the gradient at the convolution's output, [K, B, H, W, O] (or, with its
-    winners sel, the pooled gradient [K, B, H/2, W/2, O]); all contiguous -> float32 [K, 9*C, O]."""
+    winners sel, the pooled gradient [K, B, H/2, W/2, O]); all contiguous -> float32 [K, 9*C + 1, O]: the
+    packed weights' gradient (rows as pack_weight's), then the bias's."""
     k, n, h, wd, c = x.shape
     o = g.shape[-1]
     m = n * h * wd
     n_slices = triton.cdiv(m, WGRAD_SLICE)
     slice_len = triton.cdiv(triton.cdiv(m, n_slices), BLOCK_M) * BLOCK_M
     n_slices = triton.cdiv(m, slice_len)
-    part = torch.empty((n_slices, k, 9 * c, o), device=x.device, dtype=torch.float32)
+    part = torch.empty((n_slices, k, 9 * c + 1, o), device=x.device, dtype=torch.float32)
     const = wgrad_constants(c, o, sel is not None, dot_precision(x.dtype))
-    grid = (k * n_slices, triton.cdiv(9 * c, const["BLOCK_R"]), triton.cdiv(o, const["BLOCK_N"]))
+    grid = (k * n_slices, triton.cdiv(9 * c + 1, const["BLOCK_R"]), triton.cdiv(o, const["BLOCK_N"]))
     args = (x, g, sel if sel is not None else g, part, m, h, wd, n_slices, slice_len)
     if _tuning():
         _autotuned()[1][grid](*args, **const)
@@ -308,11 +312,10 @@ class _StackedConv3x3(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _conv(g, winners, pack_weight_transposed(w), None, False, k, x.shape[1:4], False)
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(x, g, winners).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).to(w.dtype)
-        if ctx.needs_input_grad[2]:
-            alive = g if winners is None else torch.where(winners != DEAD, g, 0)
-            grad_b = alive.sum(dim=(1, 2, 3), dtype=torch.float32).to(w.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            both = _weight_grad(x, g, winners)  # one pass over g for the weights and the bias
+            grad_w = both[:, :9 * c].reshape(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).to(w.dtype)
+            grad_b = both[:, 9 * c].to(w.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 

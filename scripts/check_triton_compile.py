@@ -9,8 +9,8 @@ not vectorise. Prints per kernel its compile time, shared memory, registers per 
 the software pipeline, or into registers; "x8" is 8 elements at once, 16 bytes of bf16.
 
 Fails where the deterministic tile (the first of farm.stacked_triton.TILES) needs more shared memory than
-the card has (other tiles may: Triton's autotuner skips them), or where a bf16 layer whose channels fill
-whole reduction tiles (contiguous along the channels) has a 2-D load of one element at a time. By default
+the card has (other tiles may: Triton's autotuner skips them), or where a layer whose channels fill whole
+reduction tiles (contiguous along the channels) has a 2-D load of one element at a time. By default
 each launch in its deterministic tile; --all-tiles also every tile that autotuning tries. Float32 is
 compiled in tf32 and in full precision.
 
@@ -164,9 +164,7 @@ def main() -> None:
                 elif shared > args.shared_memory:  # Triton's autotuner skips a tile that fails to launch
                     problems.append("over the shared memory limit: autotuning skips this tile")
                 # channels in whole reduction tiles: every operand row is contiguous, so it must load as vectors
-                # (16-bit operands; 32-bit ones in tf32 may be copied element by element where an operand is
-                # transposed, as the weight gradient's is: sm_90 has no transposing shared-memory load for them)
-                if dtype == "bf16" and const["C"] % const["BLOCK_R"] == 0 and scalar_loads(loads):
+                if const["C"] % const["BLOCK_R"] == 0 and scalar_loads(loads):
                     scalar += 1
                     problems.append("SCALAR OPERAND LOADS")
                 flags = " ".join(f"{key}={value}" for key, value in const.items())

@@ -88,18 +88,21 @@ def test_fused_pool_needs_an_even_feature_map():
 
 
 def test_weight_gradient_summed_over_several_slices_is_deterministic(monkeypatch):
-    """Positions split into slices (8 here) whose partial sums add up to the whole, the same bits twice."""
+    """Positions split into slices (8 here) whose partial sums add up to the whole, the same bits twice; the
+    bias's gradient is the last row (here in a reduction tile of its own: 16 channels fill whole tiles)."""
     monkeypatch.setattr(stacked_triton, "WGRAD_SLICE", 128)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, 16, generator=gen).to(DEVICE)
     g = torch.randn(2, 4, 16, 16, 16, generator=gen).to(DEVICE)
     got = stacked_triton._weight_grad(x, g)
+    assert got.shape == (2, 9 * 16 + 1, 16)
     assert torch.equal(got, stacked_triton._weight_grad(x, g))
     # grad_w[k, (i*3 + j)*C + c, o] = sum over positions of in[k, b, y+i-1, x+j-1, c] * g[k, b, y, x, o]
     padded = F.pad(x, (0, 0, 1, 1, 1, 1))
     expected = torch.stack([torch.einsum("kbyxc,kbyxo->kco", padded[:, :, i:i + 16, j:j + 16], g)
                             for i in range(3) for j in range(3)], dim=1).reshape(2, 9 * 16, 16)
-    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got[:, :9 * 16], expected, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(got[:, 9 * 16], g.sum(dim=(1, 2, 3)), atol=1e-3, rtol=1e-4)
 
 
 def test_shared_input_is_read_by_every_model_and_has_no_gradient():
