@@ -142,8 +142,8 @@ def _conv3x3_wgrad_kernel(x_ptr, g_ptr, sel_ptr, part_ptr, M, H, W, n_slices, sl
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok, n_ok = r < 9 * C, n < O
-    if C % BLOCK_R == 0:  # one tap per tile, a scalar offset: its channels are contiguous (vector loads); tap 9:
-        tap = pid_r // (C // BLOCK_R)  # the bias row's tile (r_ok all false: no loads)
+    if C % BLOCK_R == 0:  # one tap per tile, a scalar offset: its channels are contiguous (vector loads)
+        tap = pid_r // (C // BLOCK_R)  # 9 in the bias row's tile, where r_ok is all false: no loads
         c = (pid_r % (C // BLOCK_R)) * BLOCK_R + tl.arange(0, BLOCK_R)
         dy, dx = tap // 3 - 1, tap % 3 - 1
     else:  # a (tap, channel) pair per column

@@ -177,5 +177,6 @@ def main() -> None:
                          f"a time")
     print(f"all kernels compile for sm_{args.arch}")
 
+
 if __name__ == "__main__":
     main()
