@@ -31,7 +31,8 @@ grad_conv operand is rebuilt from (grad_out, winner) on the fly when pooled:
 
 Products accumulate in float32; the inputs' dtype (bf16 under autocast) is the operands' and the output's,
 and the max is taken before that rounding. Float32 operands multiply in tf32 where torch lets cuDNN do so
-(torch.backends.cudnn.allow_tf32), in full precision otherwise. scripts/check_triton_compile.py compiles
+(torch.backends.cudnn.allow_tf32), in full precision otherwise (the bias row too: its gradient is then
+summed from tf32-rounded values, as the weights'). scripts/check_triton_compile.py compiles
 the kernels for NVIDIA sm_90 (H100/H200); tests run them on a CPU through Triton's interpreter
 (TRITON_INTERPRET=1), in float32.
 """
