@@ -38,8 +38,6 @@ the kernels for NVIDIA sm_90 (H100/H200); tests run them on a CPU through Triton
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -202,28 +200,42 @@ def wgrad_constants(c: int, o: int, pooled: bool, precision: str = "tf32") -> di
                 BLOCK_R=_reduction_block(c, 64), PRECISION=precision)
 
 
-@functools.cache
-def _autotuned() -> tuple:
-    """The two kernels wrapped in Triton's autotuner over TILES, made on first use (their keys: the layer's
-    shape constants, so one tuning serves every batch size)."""
-    conv = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in TILES],
-                           key=["C", "O", "POOL", "X_POOLED", "HAS_BIAS"])(_conv3x3_kernel)
-    wgrad = triton.autotune(list({(w, st): triton.Config({}, num_warps=w, num_stages=st)
-                                  for _, w, st in TILES}.values()),
-                            key=["C", "O", "G_POOLED"])(_conv3x3_wgrad_kernel)
-    return conv, wgrad
+# Triton's autotuners, one pair per work class (see _autotuned), made on first use.
+_TUNERS: dict[int, tuple] = {}
+
+
+def work_class(positions: int) -> int:
+    """A launch's size class: floor(log4(positions)), positions = K x B x H x W output positions. The
+    autotuner times tiles on a class's first launch, so a tile tuned on a small launch (the 4-model memory
+    probe of Engine.batch_capacity, a last partial batch) does not stick to launches 100x its size."""
+    return (max(positions, 1).bit_length() - 1) // 2
+
+
+def _autotuned(positions: int = 1) -> tuple:
+    """The two kernels wrapped in Triton's autotuner over TILES for this launch's work class (their keys:
+    the layer's shape constants, so within a class one tuning serves every batch size). The autotuners of
+    all classes share the compiled kernels: a new class costs timing, not compiling."""
+    cls = work_class(positions)
+    if cls not in _TUNERS:
+        conv = triton.autotune([triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st) for m, w, st in TILES],
+                               key=["C", "O", "POOL", "X_POOLED", "HAS_BIAS"])(_conv3x3_kernel)
+        wgrad = triton.autotune(list({(w, st): triton.Config({}, num_warps=w, num_stages=st)
+                                      for _, w, st in TILES}.values()),
+                                key=["C", "O", "G_POOLED"])(_conv3x3_wgrad_kernel)
+        _TUNERS[cls] = (conv, wgrad)
+    return _TUNERS[cls]
 
 
 def chosen_tiles() -> dict:
-    """What the autotuner kept so far, per kernel and key (layer constants and dtypes), as text (with a
-    single tile there is nothing to time: the tile last run)."""
-    if _autotuned.cache_info().currsize == 0:
-        return {}
+    """What the autotuners kept so far, per kernel, work class and key (layer constants and dtypes), as
+    text (with a single tile there is nothing to time: the tile last run)."""
     out = {}
-    for tuner in _autotuned():
-        out |= {f"{tuner.fn.__name__}{key}": str(config) for key, config in tuner.cache.items()}
-        if not tuner.cache and hasattr(tuner, "best_config"):
-            out[tuner.fn.__name__] = str(tuner.best_config)
+    for cls, tuners in sorted(_TUNERS.items()):
+        for tuner in tuners:
+            name = f"{tuner.fn.__name__} class {cls}"
+            out |= {f"{name} {key}": str(config) for key, config in tuner.cache.items()}
+            if not tuner.cache and hasattr(tuner, "best_config"):
+                out[name] = str(tuner.best_config)
     return out
 
 
@@ -253,7 +265,7 @@ def _conv(x: torch.Tensor, sel: torch.Tensor | None, w_packed: torch.Tensor, bia
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, const["BLOCK_N"]), k
 
     if _tuning():
-        _autotuned()[0][grid](*args, **const)
+        _autotuned(m * k)[0][grid](*args, **const)
     else:
         _conv3x3_kernel[grid](*args, BLOCK_M=TILES[0][0], num_warps=TILES[0][1], num_stages=TILES[0][2], **const)
     return (out, winners) if pool else out
@@ -274,7 +286,7 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, sel: torch.Tensor | None = No
     grid = (k * n_slices, triton.cdiv(9 * c + 1, const["BLOCK_R"]), triton.cdiv(o, const["BLOCK_N"]))
     args = (x, g, sel if sel is not None else g, part, m, h, wd, n_slices, slice_len)
     if _tuning():
-        _autotuned()[1][grid](*args, **const)
+        _autotuned(m * k)[1][grid](*args, **const)
     else:
         _conv3x3_wgrad_kernel[grid](*args, num_warps=TILES[0][1], num_stages=TILES[0][2], **const)
     return part.sum(0)

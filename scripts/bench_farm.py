@@ -121,6 +121,29 @@ def bench_runner(spec_name: str, quick: bool, epochs: int | None = None, cold_wo
             print(f"  runner / {label}: {rate['Ray runner'] / value:.2f}x")
 
 
+def warm_up_stacked(engine, k: int, n_train: int) -> float:
+    """Two stacked training steps of K new models, a full batch and one of an epoch's last size (n_train
+    examples per model), and one prediction chunk: the shapes of the timed run, so what a worker process
+    pays once before its first stacked batch (Triton's compiling and autotuning per work class, cuDNN's
+    algorithm search, the allocator's growth) happens here, as the one-at-a-time side's warm-up model
+    pays it. Returns its seconds."""
+    import dataclasses
+
+    import torch
+
+    from farm.batched import PREDICT_PAIRS, StackedModels, predict_stacked_chunks, train_stacked
+
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(engine.spec.training, epochs=1)
+    idx = np.arange(cfg.batch_size + (n_train % cfg.batch_size or cfg.batch_size))
+    stack = StackedModels([engine.new_model() for _ in range(k)])
+    train_stacked(stack, engine.images, engine.labels, [idx] * k, cfg,
+                  [torch.Generator().manual_seed(i) for i in range(k)])
+    chunk = max(1, min(cfg.eval_batch_size, PREDICT_PAIRS // k))
+    predict_stacked_chunks(stack, engine.images[:chunk], engine.spec.queries, chunk, cfg.precision)
+    return time.perf_counter() - t0
+
+
 def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: str | None = None,
                   n_baseline: int | None = None, gpu_kernels: str | None = None) -> None:
     """n_baseline: how many of the jobs the one-at-a-time baseline trains (its rate is per model, so a
@@ -150,9 +173,11 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
             prep = prepare_run(spec, f"{tmp}/{len(times)}")
             engine = Engine(prep.context(), threads=threads)
             engine.run(prep.pending[0])  # warm-up (kernels, allocator), committed but not timed
-            if label != "one at a time" and torch.cuda.is_available():
-                print(f"  (batch_models: auto would stack {engine.batch_capacity()} models here)")
             jobs = prep.pending[1:n_models + 1]
+            if label != "one at a time" and torch.cuda.is_available():
+                seconds = warm_up_stacked(engine, k, max(len(j.train_idx) for j in jobs))
+                print(f"  (stacked warm-up at K={k}, not counted: {seconds:.1f} s)")
+                print(f"  (batch_models: auto would stack {engine.batch_capacity()} models here)")
             if label == "one at a time":
                 jobs = jobs[:n_baseline or n_models]
             if torch.cuda.is_available():

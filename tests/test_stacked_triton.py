@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,13 +165,12 @@ def test_autotuned_launches_give_the_same_results(monkeypatch):
     fixed = run()
     monkeypatch.setattr(stacked_triton, "TILES", [(64, 4, 2)])
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    stacked_triton._autotuned.cache_clear()
-    try:
-        tuned = run()
-        assert stacked_triton._autotuned()[0].best_config.kwargs == {"BLOCK_M": 64}
-        assert "BLOCK_M: 64" in stacked_triton.chosen_tiles()["_conv3x3_kernel"]
-    finally:
-        stacked_triton._autotuned.cache_clear()
+    monkeypatch.setattr(stacked_triton, "_TUNERS", {})
+    tuned = run()
+    # conv1 ... conv3 launches: 2 x 2 x 6 x 6 = 144 output positions, work class floor(log4(144)) = 3
+    assert list(stacked_triton._TUNERS) == [stacked_triton.work_class(144)] == [3]
+    assert stacked_triton._autotuned(144)[0].best_config.kwargs == {"BLOCK_M": 64}
+    assert "BLOCK_M: 64" in stacked_triton.chosen_tiles()["_conv3x3_kernel class 3"]
     for a, b_ in zip(tuned, fixed):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
 
@@ -187,3 +187,10 @@ def test_step_benchmark_checks_the_layouts_against_each_other():
     assert "vs the first" in triton_line, proc.stdout
     grad_diff = float(triton_line.rsplit("gradients ", 1)[1].split()[0])
     assert grad_diff < 1e-5, triton_line
+
+
+def test_work_class_is_the_floor_of_log4():
+    sizes = np.arange(1, 5000)
+    expected = np.floor(np.log(sizes) / np.log(4) + 1e-12).astype(int)
+    assert [stacked_triton.work_class(int(n)) for n in sizes] == expected.tolist()
+    assert stacked_triton.work_class(0) == 0 and stacked_triton.work_class(256 * 256 * 784) == 12
