@@ -11,10 +11,10 @@ loss is the sum of the K models' mean losses, so the gradient of the stacked ten
 gradient; SGD with momentum and weight decay is elementwise, so one torch.optim.SGD over the stacked
 tensors is K independent optimisers.
 
-The stacked forward pass: farm.models' SmallCNN runs through farm.stacked_cnn's batched products or
-grouped convolutions (layout chosen by measurement), or, opted into, its Triton kernels for a GPU
-(layout "triton", not yet measured there); any other buffer-free module goes through
-torch.func.vmap(functional_call), which is generic.
+The stacked forward pass: farm.models' SmallCNN runs through farm.stacked_cnn's layouts, chosen by
+measurement: farm.stacked_triton's kernels on an H100-class GPU, grouped convolutions on a CPU (batched
+products are the other choice); any other buffer-free module goes through torch.func.vmap(functional_call),
+which is generic.
 
 Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
 length with zero-weight entries at the end of each epoch's last batch. Only models without buffers
@@ -24,6 +24,7 @@ trained one model per worker instead (fractional GPUs pack several workers on on
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import numpy as np
@@ -37,16 +38,30 @@ from .spec import TrainingSpec
 from .training import apply_query, augment_batch, autocast, predict_logits
 
 
-# The stacked SmallCNN layout (farm.stacked_cnn) where none is set, chosen by scripts/bench_stacked_step.py
-# (docs/benchmarks.md): on a CPU, grouped convolutions; on a GPU, grouped convolutions when cuDNN may
-# autotune (resources.gpu_kernels: autotuned), batched products when it must stay deterministic. The "triton"
-# layout (farm.stacked_triton) is chosen only by hand (scripts' --layout) until a GPU measurement says more.
-DEFAULT_LAYOUT = {"cpu": "grouped", "cuda-autotuned": "grouped", "cuda-deterministic": "bmm"}
+# The stacked SmallCNN layout (farm.stacked_cnn), chosen by scripts/bench_stacked_step.py and
+# scripts/bench_farm.py (docs/benchmarks.md): on a CPU, grouped convolutions; on a GPU, farm.stacked_triton's
+# kernels (one launch per convolution for all K models), deterministic or autotuned. They were compiled and
+# measured on compute capability 9.0 (H100) only; an sm_86 block (A10G) has too little shared memory for
+# their float32 tile, so other GPUs keep the layouts measured best without them (WITHOUT_TRITON).
+DEFAULT_LAYOUT = {"cpu": "grouped", "cuda-autotuned": "triton", "cuda-deterministic": "triton"}
+WITHOUT_TRITON = {"cuda-autotuned": "grouped", "cuda-deterministic": "bmm"}
+LAYOUT: str | None = None  # set to force one layout everywhere (the benchmarks' --layout)
+
+
+def triton_kernels_measured() -> bool:
+    """Whether this process's GPU is of the compute capability the Triton kernels were checked on (9.x)
+    and Triton is installed."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+            and importlib.util.find_spec("triton") is not None)
 
 
 def default_layout(device: str) -> str:
+    if LAYOUT:
+        return LAYOUT
     if device == "cuda":
         device += "-autotuned" if torch.backends.cudnn.benchmark else "-deterministic"
+        if DEFAULT_LAYOUT.get(device) == "triton" and not triton_kernels_measured():
+            return WITHOUT_TRITON[device]
     return DEFAULT_LAYOUT.get(device, "grouped")
 
 

@@ -174,6 +174,11 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
             engine = Engine(prep.context(), threads=threads)
             engine.run(prep.pending[0])  # warm-up (kernels, allocator), committed but not timed
             jobs = prep.pending[1:n_models + 1]
+            if label != "one at a time":
+                from farm.batched import default_layout
+
+                print(f"  (stacked layout: {default_layout(engine.device.type)}, "
+                      f"kernels {spec.resources.gpu_kernels})")
             if label != "one at a time" and torch.cuda.is_available():
                 seconds = warm_up_stacked(engine, k, max(len(j.train_idx) for j in jobs))
                 print(f"  (stacked warm-up at K={k}, not counted: {seconds:.1f} s)")
@@ -343,7 +348,7 @@ def main() -> None:
     if args.layout:
         import farm.batched
 
-        farm.batched.DEFAULT_LAYOUT = dict.fromkeys(farm.batched.DEFAULT_LAYOUT, args.layout)
+        farm.batched.LAYOUT = args.layout
     if args.only in (None, "batched"):
         gpu = torch.cuda.is_available()
         n = args.models or (8 if args.quick else 256 if gpu else 16)

@@ -112,7 +112,8 @@ def main() -> None:
         try:
             t0 = time.perf_counter()  # the first forward and backward: compiling and autotuning included
             agreement = compare_first_gradients(stack, forward_loss, images, labels,
-                                                references.setdefault(precision, {}))
+                                                references.setdefault(precision, {}),
+                                                references.get("fp32") if precision != "fp32" else None)
             sync(device)
             first = time.perf_counter() - t0
             for _ in range(3):
@@ -153,22 +154,33 @@ def main() -> None:
         profile(best, device)
 
 
-def compare_first_gradients(stack, forward_loss, images, labels, reference: dict) -> str:
+def compare_first_gradients(stack, forward_loss, images, labels, reference: dict,
+                            fp32_reference: dict | None = None) -> str:
     """The loss and gradients of one step from the variant's initial weights, against the first variant's
     in the same precision (kept in reference): |loss - loss_ref| / |loss_ref|, and per parameter tensor
-    ||g - g_ref|| / ||g_ref|| (Euclidean norms), the worst of them shown with its name."""
+    ||g - g_ref|| / ||g_ref|| (Euclidean norms), the worst of them shown with its name. fp32_reference:
+    the first float32 variant's, when this one is not float32: how far the variant's rounding lies from
+    float32's, so a layout's distance from the first can be set against the precision's own."""
     names = list(stack.params)
     loss = forward_loss(images, labels)
     grads = [g.float() for g in torch.autograd.grad(loss, list(stack.params.values()))]
     loss = loss.detach().float()
+    norm = torch.linalg.vector_norm
+
+    def distance(ref: dict) -> str:
+        loss_diff = ((loss - ref["loss"]).abs() / ref["loss"].abs()).item()
+        diffs = [(norm(g - r) / norm(r)).item() for g, r in zip(grads, ref["grads"])]
+        worst = max(range(len(diffs)), key=lambda i: diffs[i] if diffs[i] == diffs[i] else float("inf"))  # NaN first
+        return f"loss {loss_diff:.1e}, gradients {diffs[worst]:.1e} ({names[worst]})"
+
     if not reference:
         reference.update(loss=loss, grads=grads)
-        return "the gradient check's reference"
-    loss_diff = ((loss - reference["loss"]).abs() / reference["loss"].abs()).item()
-    norm = torch.linalg.vector_norm
-    diffs = [(norm(g - r) / norm(r)).item() for g, r in zip(grads, reference["grads"])]
-    worst = max(range(len(diffs)), key=lambda i: diffs[i] if diffs[i] == diffs[i] else float("inf"))  # NaN first
-    return f"vs the first: loss {loss_diff:.1e}, gradients {diffs[worst]:.1e} ({names[worst]})"
+        text = "the gradient check's reference"
+    else:
+        text = "vs the first: " + distance(reference)
+    if fp32_reference:
+        text += " | vs the first fp32: " + distance(fp32_reference)
+    return text
 
 
 def sync(device: torch.device) -> None:

@@ -3,11 +3,12 @@
 # engine needs none). Fashion-MNIST comes from DATA (default data/fashion-mnist: the four IDX .gz files).
 # Each step has its own time limit, so one slow step does not cost the others; logs go to OUT (default .).
 # By default the issue's target, in the same call: one training step per layout (the Triton kernels'
-# gradients checked against grouped convolutions' on the same weights; its autotuned variant compiles every
-# tile into Triton's cache, which the next step reuses), then 256 shadows stacked with the Triton kernels
-# (farm.stacked_triton) against one at a time; the limits add up to 380 s, within one device call with
-# room for a rerun. PART=more runs the rest instead (a second call): 256 shadows with the default layout,
-# the packing figures, the batched-products profile and torch.compile timings.
+# gradients checked against grouped convolutions' on the same weights; the autotuned variant compiles every
+# tile into Triton's cache), then 256 shadows stacked in the default layout (farm.stacked_triton's kernels
+# on an H100/H200) against one at a time; the limits add up to 300 s, within one device call with room for
+# a rerun. PART=more (a second call, limits 510 s): 256 shadows with grouped convolutions and with
+# deterministic kernels, the deterministic layouts' step and the packing figures. PART=compile (210 s): the
+# batched-products profile and torch.compile timings.
 set -u
 DATA=${DATA:-data/fashion-mnist}
 OUT=${OUT:-.}
@@ -18,14 +19,17 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 step() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; }
 PART=${PART:-target}
 if [ "$PART" = target ]; then
-  step step 180 $PY scripts/bench_stacked_step.py --layouts grouped triton --precisions bf16 --profile ${STEP_ARGS:-}
-  step batched-triton 200 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 --layout triton ${BATCHED_ARGS:-}
-elif [ "$PART" = more ]; then
+  step step 150 $PY scripts/bench_stacked_step.py --layouts grouped triton --precisions bf16 --profile ${STEP_ARGS:-}
   step batched 150 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 ${BATCHED_ARGS:-}
+elif [ "$PART" = more ]; then
+  step batched-grouped 150 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 --layout grouped ${BATCHED_ARGS:-}
+  step batched-deterministic 120 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 --gpu-kernels deterministic ${BATCHED_ARGS:-}
+  step step-deterministic 60 $PY scripts/bench_stacked_step.py --layouts bmm triton --precisions bf16 --kernels deterministic --steps 5
   step packing-small-cnn 60 $PY scripts/bench_packing.py --arch small-cnn --procs 1 4 --precisions bf16 --images 30000 ${PACKING_ARGS:-}
   step packing-resnet18 120 $PY scripts/bench_packing.py --precisions bf16 --images 12800 ${PACKING_ARGS:-}
+elif [ "$PART" = compile ]; then
   step step-bmm 60 $PY scripts/bench_stacked_step.py --layouts bmm --precisions bf16 --kernels autotuned --profile
   step step-compiled 150 $PY scripts/bench_stacked_step.py --layouts grouped bmm --precisions bf16 --kernels autotuned --compile --profile
 else
-  echo "gpu_check: PART must be target or more, got $PART" >&2; exit 2
+  echo "gpu_check: PART must be target, more or compile, got $PART" >&2; exit 2
 fi

@@ -84,10 +84,14 @@ def test_default_layout_follows_the_device_and_kernel_choice(monkeypatch):
     from farm import batched
 
     assert batched.default_layout("cpu") == "grouped"
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    assert batched.default_layout("cuda") == batched.DEFAULT_LAYOUT["cuda-autotuned"]
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    assert batched.default_layout("cuda") == batched.DEFAULT_LAYOUT["cuda-deterministic"]
+    for measured in (True, False):  # an H100-class GPU with Triton, or another GPU
+        monkeypatch.setattr(batched, "triton_kernels_measured", lambda: measured)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+        assert batched.default_layout("cuda") == ("triton" if measured else "grouped")
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+        assert batched.default_layout("cuda") == ("triton" if measured else "bmm")
+    monkeypatch.setattr(batched, "LAYOUT", "vmap")  # forced (a benchmark's --layout)
+    assert batched.default_layout("cpu") == batched.default_layout("cuda") == "vmap"
 
 
 def test_prediction_paths_and_chunks_give_the_same_logits(monkeypatch):
