@@ -45,9 +45,9 @@ import triton.language as tl
 BLOCK_M = 128  # the weight gradient's positions per step (its summation order); the forward's come from TILES
 # Tiles (BLOCK_M, num_warps, num_stages; BLOCK_M a multiple of 16 for tl.dot and of 4 for a pooling
 # window). When GPU kernels may be autotuned (resources.gpu_kernels: autotuned, which sets
-# torch.backends.cudnn.benchmark), Triton times them on a layer's first launch and keeps the fastest, as
-# cuDNN does; "deterministic" always runs the first. The weight gradient keeps BLOCK_M (its summation
-# order) and tries the warps and stages only.
+# torch.backends.cudnn.benchmark), Triton times them on the first launch of each layer and work class
+# (work_class) and keeps the fastest, as cuDNN does; "deterministic" always runs the first. The weight
+# gradient keeps BLOCK_M (its summation order) and tries the warps and stages only.
 TILES = [(128, 4, 3), (128, 8, 3), (64, 4, 3), (64, 4, 4), (256, 8, 3), (128, 4, 4), (64, 8, 2), (256, 4, 2)]
 WGRAD_SLICE = 8192  # positions per weight-gradient partial sum: enough programs for a large GPU at any K
 
@@ -211,7 +211,7 @@ def work_class(positions: int) -> int:
     return (max(positions, 1).bit_length() - 1) // 2
 
 
-def _autotuned(positions: int = 1) -> tuple:
+def _autotuned(positions: int) -> tuple:
     """The two kernels wrapped in Triton's autotuner over TILES for this launch's work class (their keys:
     the layer's shape constants, so within a class one tuning serves every batch size). The autotuners of
     all classes share the compiled kernels: a new class costs timing, not compiling."""
