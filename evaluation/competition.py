@@ -376,35 +376,29 @@ def final_score(forgetting_quality, retain_acc_unlearned, test_acc_unlearned,
     return f * (ra_u / ra_r) * (ta_u / ta_r)
 
 
-def forgetting_quality_null(retrained, n_boot: int = 100, seed: int = 0, *, ci: float = 0.95,
+def forgetting_quality_null(retrained, n_splits: int = 20, seed: int = 0, *, n_per_side: int | None = None,
                             delta: float = DELTA) -> dict:
-    """Calibration of F: the same statistic between two disjoint halves of the retrained models.
+    """Calibration of F: the same statistic between two disjoint sets of retrained models, averaged over splits.
 
-    The retrained models are shuffled with ``seed`` and split into halves A and B of n = floor(N/2)
-    models each; F_null = F(A as "unlearned", B as "retrained") with N = n in the bucket rule.
-    The interval resamples the models of each half with replacement ``n_boot`` times and takes the
-    (1-ci)/2 and (1+ci)/2 quantiles of the bootstrap F values.  Needs N >= 4 retrained models.
-    Compare with F computed on n unlearned and n retrained models (F depends on the number of models).
+    F_null = mean over ``n_splits`` seeded random splits s of F(A_s as "unlearned", B_s as "retrained"),
+    A_s and B_s disjoint sets of n = ``n_per_side`` (default floor(N/2)) retrained models, N = n in the
+    bucket rule.  One split is a noisy draw (its spread is returned as "sd"); compare F_null with F
+    computed on n unlearned and n retrained models (F depends on the number of models).  Needs N >= 4
+    retrained models and 2 <= n <= N/2.
 
-    Returns {"f_null", "ci_low", "ci_high", "n_per_half", "boot"}.
+    Returns {"f_null": mean, "sd": spread of single splits (ddof 1), "splits": float64[n_splits],
+    "n_per_half": n}.
     """
     r = _as_models_by_examples(retrained, "retrained", min_models=4)
-    if n_boot < 0:
-        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
-    if not (0 < ci < 1):
-        raise ValueError(f"ci must lie in (0, 1), got {ci}")
+    if n_splits < 1:
+        raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+    n = r.shape[0] // 2 if n_per_side is None else int(n_per_side)
+    if not 2 <= n <= r.shape[0] // 2:
+        raise ValueError(f"n_per_side must lie in [2, {r.shape[0] // 2}] for {r.shape[0]} retrained models, got {n}")
     rng = np.random.default_rng(seed)
-    n = r.shape[0] // 2
-    perm = rng.permutation(r.shape[0])
-    a, b = r[perm[:n]], r[perm[n:2 * n]]
-    f_null = forgetting_quality(a, b, delta=delta)
-    boot = np.empty(n_boot, dtype=np.float64)
-    for i in range(n_boot):
-        ia = rng.integers(0, n, n)
-        ib = rng.integers(0, n, n)
-        boot[i] = forgetting_quality(a[ia], b[ib], delta=delta)
-    if n_boot:
-        lo, hi = np.quantile(boot, [(1 - ci) / 2, (1 + ci) / 2])
-    else:
-        lo = hi = float("nan")
-    return {"f_null": f_null, "ci_low": float(lo), "ci_high": float(hi), "n_per_half": n, "boot": boot}
+    splits = np.empty(n_splits, dtype=np.float64)
+    for i in range(n_splits):
+        perm = rng.permutation(r.shape[0])
+        splits[i] = forgetting_quality(r[np.sort(perm[:n])], r[np.sort(perm[n:2 * n])], delta=delta)
+    sd = float(splits.std(ddof=1)) if n_splits > 1 else float("nan")
+    return {"f_null": float(splits.mean()), "sd": sd, "splits": splits, "n_per_half": n}

@@ -17,20 +17,33 @@ member":
 
 variance="global" replaces s_in (s_out) by one spread per side pooled over all examples and queries
 after centring each (example, query) group at its own mean: s^2 = sum (x - mean_group)^2 / count.
+
+Leave-pair-out (lira_leave_pair_out) scores every shadow t against all shadows except t and a
+partner whose membership is the opposite of t's, so the references keep equal IN / OUT counts when
+the shadows come in complementary pairs (leave-one-out leaves M/2-1 of t's own side and M/2 of the
+other).  random_partners pairs IN with OUT shadows per example for shadow sets without such pairs;
+pair_vulnerability / pair_vulnerability_null (defined in evaluation.vulnerability) compare the two
+members of each pair.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from scipy import stats
 from scipy.special import log_ndtr
+
+from .vulnerability import _check_partner, pair_vulnerability, pair_vulnerability_null
 
 _STD_GUARD = 1e-30
 _MODES = ("online", "offline", "global")
 _VARIANCES = ("per_example", "global")
+_NORMALTEST_MIN = 8  # scipy.stats.skewtest needs >= 8 values
 
-__all__ = ["lira_scores", "lira_leave_one_out", "roc_curve", "roc_metrics"]
+__all__ = ["lira_scores", "lira_leave_one_out", "lira_leave_pair_out", "random_partners", "gaussian_check",
+           "pair_vulnerability", "pair_vulnerability_null", "roc_curve", "roc_metrics"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -228,6 +241,60 @@ def lira_leave_one_out(conf, shadow_in, *, mode: str = "online", variance: str =
     once from all shadows, not refitted per target).
     """
     _check_mode(mode, variance)
+    c, mask = _as_conf_mask(conf, shadow_in, chunk)
+    m, n_ex, q = c.shape
+    if m < 2:
+        raise ValueError(f"leave-one-out LiRA needs at least 2 shadows (1 target + 1 reference), got {m}")
+    for start in range(0, n_ex, 65536):
+        _finite(c[:, start:start + 65536], "conf")
+    if mode == "global":
+        return np.asarray(c, dtype=np.float64).mean(axis=-1)
+    n_in_all = mask.sum(0)
+    _check_counts(n_in_all, m - n_in_all, mode, 2, 2, "shadows (leave-one-out removes one)")
+    return _leave_out(c, mask, mode, variance, chunk, workers, None)
+
+
+def lira_leave_pair_out(conf, shadow_in, partner, *, mode: str = "online", variance: str = "per_example",
+                        chunk: int = 1024, workers: int | None = None) -> np.ndarray:
+    """Leave-pair-out LiRA over a set of shadows -> scores float64[M, E] (NaN where partner is -1).
+
+    conf[M, E] or [M, E, Q]: logit-scaled confidences; shadow_in bool[M, E]; partner int[M] (one
+    partner per shadow, for every example, e.g. [1, 0, 3, 2, ...] for complementary pairs) or
+    int[M, E] (per example, e.g. random_partners), -1 = cell not scored.  With p = partner[t(, e)]:
+
+        scores[t, e] = lira_scores(conf[t, e], conf[o, e], shadow_in[o, e], mode, variance)
+                       with o = every shadow except t and p,
+
+    which needs shadow_in[p, e] != shadow_in[t, e]: removing the pair removes exactly one value from
+    each side, r_in = x_t if t is IN else x_p and r_out = the other.  Computed without refitting, as
+    lira_leave_one_out (shared chunk code): the median without r is read from each group's sorted
+    order (_loo_median) and the spread from mean and sum of squared deviations,
+    s^2 = (ssd - (r - mean)^2 * n / (n - 1)) / (n - 1) (_loo_std).
+
+    online needs >= 2 IN and >= 2 OUT shadows for every example with a scored cell (one of each
+    remains), offline >= 2 OUT.  variance="global" pools one spread per side over all examples,
+    computed once from all shadows (as lira_leave_one_out).  mode="global" is mean_q conf.
+    """
+    _check_mode(mode, variance)
+    c, mask = _as_conf_mask(conf, shadow_in, chunk)
+    m, n_ex, q = c.shape
+    pt = _check_partner(partner, mask)
+    for start in range(0, n_ex, 65536):
+        _finite(c[:, start:start + 65536], "conf")
+    scored = pt >= 0
+    if mode == "global":
+        out = np.asarray(c, dtype=np.float64).mean(axis=-1)
+    else:
+        active = scored.any(0)  # examples without a scored cell need nothing
+        n_in_all = mask.sum(0)
+        _check_counts(np.where(active, n_in_all, 2), np.where(active, m - n_in_all, 2), mode, 2, 2,
+                      "shadows (leave-pair-out removes one of each)")
+        out = _leave_out(c, mask, mode, variance, chunk, workers, np.where(scored, pt, np.arange(m)[:, None]))
+    out[~scored] = np.nan
+    return out
+
+
+def _as_conf_mask(conf, shadow_in, chunk):
     c = np.asarray(conf)
     if c.ndim == 2:
         c = c[..., None]
@@ -238,15 +305,39 @@ def lira_leave_one_out(conf, shadow_in, *, mode: str = "online", variance: str =
         raise ValueError(f"shadow_in must be boolean with shape {c.shape[:2]}, got {mask.dtype} {mask.shape}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return c, mask
+
+
+def random_partners(shadow_in, seed) -> np.ndarray:
+    """Random IN/OUT partners per example -> int64[M, E] for lira_leave_pair_out.
+
+    For every example e independently, its IN shadows and its OUT shadows are each put in a uniformly
+    random order (np.random.default_rng(seed)) and the k-th IN shadow is matched with the k-th OUT
+    shadow, k < min(n_in[e], n_out[e]): partner[i, e] = o and partner[o, e] = i; unmatched shadows
+    get -1.  Vectorized: one argsort per column of keys u + 2 * OUT with u ~ U[0, 1).
+    """
+    mask = np.asarray(shadow_in)
+    if mask.dtype != bool or mask.ndim != 2:
+        raise ValueError(f"shadow_in must be a 2-D boolean array, got {mask.dtype} with shape {mask.shape}")
+    m, n_ex = mask.shape
+    keys = np.random.default_rng(seed).random((m, n_ex)) + 2.0 * ~mask
+    order = np.argsort(keys, axis=0)  # [M, E]: each column's IN shadows (random order), then its OUT ones
+    n_in = mask.sum(0)
+    n_pairs = np.minimum(n_in, m - n_in)
+    k = np.arange(m)[:, None]
+    ins = order  # k-th IN shadow at row k
+    outs = np.take_along_axis(order, np.minimum(n_in[None, :] + k, m - 1), axis=0)  # k-th OUT shadow
+    ok = k < n_pairs[None, :]
+    col = np.broadcast_to(np.arange(n_ex)[None, :], (m, n_ex))[ok]
+    partner = np.full((m, n_ex), -1, dtype=np.int64)
+    partner[ins[ok], col] = outs[ok]
+    partner[outs[ok], col] = ins[ok]
+    return partner
+
+
+def _leave_out(c, mask, mode, variance, chunk, workers, partner):
+    """Shared driver: scores [M, E] by chunks of examples (partner int64[M, E] or None = leave-one-out)."""
     m, n_ex, q = c.shape
-    if m < 2:
-        raise ValueError(f"leave-one-out LiRA needs at least 2 shadows (1 target + 1 reference), got {m}")
-    for start in range(0, n_ex, 65536):
-        _finite(c[:, start:start + 65536], "conf")
-    if mode == "global":
-        return np.asarray(c, dtype=np.float64).mean(axis=-1)
-    n_in_all = mask.sum(0)
-    _check_counts(n_in_all, m - n_in_all, mode, 2, 2, "shadows (leave-one-out removes one)")
     out = np.empty((m, n_ex), dtype=np.float64)
     pooled = None
     if variance == "global":
@@ -256,7 +347,11 @@ def lira_leave_one_out(conf, shadow_in, *, mode: str = "online", variance: str =
         sl = slice(start, min(start + chunk, n_ex))
         xs = np.ascontiguousarray(np.moveaxis(np.asarray(c[:, sl], dtype=np.float64), 0, -1))  # [C, Q, M]
         mk = np.ascontiguousarray(mask[:, sl].T)  # [C, M]
-        out[:, sl] = _loo_chunk(xs, mk, mode, pooled).T  # [C, M] -> [M, C]
+        if partner is None:
+            out[:, sl] = _loo_chunk(xs, mk, mode, pooled).T  # [C, M] -> [M, C]
+        else:  # examples without a scored cell may have degenerate groups; their cells become NaN
+            with np.errstate(all="ignore"):
+                out[:, sl] = _loo_chunk(xs, mk, mode, pooled, np.ascontiguousarray(partner[:, sl].T)).T
 
     starts = range(0, n_ex, chunk)
     if workers is None:
@@ -283,23 +378,33 @@ def _pooled_global(c, mask, chunk, mode):
     return {side: np.sqrt(v[0] / v[1]) for side, v in tot.items()}
 
 
-def _loo_chunk(xs, mk, mode, pooled):
-    """Leave-one-out scores for a chunk: xs[C, Q, M] float64, mk[C, M] bool -> [C, M]."""
+def _loo_chunk(xs, mk, mode, pooled, partner=None):
+    """Leave-one-out scores for a chunk: xs[C, Q, M] float64, mk[C, M] bool -> [C, M].
+
+    Each side's group loses one value r[C, Q, M] per target column t: leave-one-out (partner None)
+    removes x_t from t's own side only; leave-pair-out (partner int[C, M], the partner of target t
+    on each example) removes x_t from t's side and x_partner from the other side.
+    """
     x = xs  # the target of column t is xs[..., t]
     tin = mk[:, None, :]  # [C, 1, M]
+    if partner is None:
+        removed = {"in": (x, tin), "out": (x, ~tin)}  # (removed value, where the side loses it)
+    else:
+        xp = np.take_along_axis(xs, partner[:, None, :], axis=-1)  # [C, Q, M]: the partner's values
+        removed = {"in": (np.where(tin, x, xp), None), "out": (np.where(tin, xp, x), None)}  # None: always
     sides = (("out", ~mk),) if mode == "offline" else (("in", mk), ("out", ~mk))
-    stats = {}
+    fits = {}
     for side, member in sides:
         med, mean, ssd, n, s = _fit(xs, member)
-        is_member = tin if side == "in" else ~tin
-        mu = _loo_median(s, n, x)
-        mu = np.where(is_member, mu, med[..., None])
+        r, is_member = removed[side]
+        mu = _loo_median(s, n, r)
+        if is_member is not None:
+            mu = np.where(is_member, mu, med[..., None])
         if pooled is not None:
             sd = np.full(x.shape, pooled[side])
         else:
-            sd_full = np.sqrt(ssd / n[:, None])[..., None]
             with np.errstate(invalid="ignore", divide="ignore"):
-                sd = _loo_std(mean, ssd, n, x)
+                sd = _loo_std(mean, ssd, n, r)
             # a remaining group of equal values has spread exactly 0 (as np.std of it), not rounding
             # noise; only groups whose values other than the min or the max are all equal can get there
             mm = s.shape[-1]
@@ -311,14 +416,63 @@ def _loo_chunk(xs, mk, mode, pooled):
             first, second, last, before_last = at(nn * 0), at(nn * 0 + 1), at(nn - 1), at(nn - 2)
             risky = ((second == last) | (first == before_last)).any()
             if risky:
-                rem_min = np.where(x <= first, second, first)
-                rem_max = np.where(x >= last, before_last, last)
+                rem_min = np.where(r <= first, second, first)
+                rem_max = np.where(r >= last, before_last, last)
                 sd = np.where(rem_min == rem_max, 0.0, sd)
-            sd = np.where(is_member, sd, sd_full)
-        stats[side] = (mu, sd)
-    mu_out, sd_out = stats["out"]
-    mu_in, sd_in = stats["in"] if mode == "online" else (None, None)
+            if is_member is not None:
+                sd = np.where(is_member, sd, np.sqrt(ssd / n[:, None])[..., None])
+        fits[side] = (mu, sd)
+    mu_out, sd_out = fits["out"]
+    mu_in, sd_in = fits["in"] if mode == "online" else (None, None)
     return _score(mode, x, mu_in, sd_in, mu_out, sd_out, query_axis=1)
+
+
+def gaussian_check(conf, shadow_in, alpha: float = 0.05) -> dict:
+    """How often the per-example IN and OUT confidences look non-Gaussian (LiRA's model) -> dict.
+
+    For every example, scipy.stats.normaltest (D'Agostino-Pearson K^2) is applied to the IN shadows'
+    confidences (query 0 of conf[M, E(, Q)]) and to the OUT shadows'; examples are grouped by
+    (n_in, n_out) and each group is tested in one vectorized call.  An example is tested when both
+    groups have >= min_group_size = 8 values (skewtest's minimum) and both p-values are finite (not a
+    constant group); the others are not tested.  Returns {"alpha", "n_tested",
+    "fraction_in_rejected", "fraction_out_rejected", "fraction_either_rejected" (p < alpha, fractions
+    of the tested examples, NaN when none), "expected_either_by_chance": 1 - (1 - alpha)^2,
+    "min_group_size": 8}.
+    """
+    c = np.asarray(conf, dtype=np.float64)
+    if c.ndim == 3:
+        c = c[..., 0]
+    mask = np.asarray(shadow_in)
+    if c.ndim != 2 or mask.dtype != bool or mask.shape != c.shape:
+        raise ValueError(f"expected conf[M, E(, Q)] and boolean shadow_in[M, E], got {np.shape(conf)} and "
+                         f"{mask.dtype} {mask.shape}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    _finite(c, "conf")
+    m = c.shape[0]
+    n_in = mask.sum(0)
+    p_in = np.full(c.shape[1], np.nan)
+    p_out = np.full(c.shape[1], np.nan)
+    size = np.minimum(n_in, m - n_in)
+    for k in np.unique(n_in[size >= _NORMALTEST_MIN]):
+        ex = np.flatnonzero((n_in == k) & (size >= _NORMALTEST_MIN))
+        order = np.argsort(~mask[:, ex], axis=0, kind="stable")  # IN shadows first
+        vals = np.take_along_axis(c[:, ex], order, axis=0)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # kurtosistest warns below n = 20; constant groups give NaN
+            p_in[ex] = stats.normaltest(vals[:k], axis=0).pvalue
+            p_out[ex] = stats.normaltest(vals[k:], axis=0).pvalue
+    tested = np.isfinite(p_in) & np.isfinite(p_out)
+    n_tested = int(tested.sum())
+    rin, rout = p_in[tested] < alpha, p_out[tested] < alpha
+
+    def frac(v):
+        return float(v.mean()) if n_tested else float("nan")
+
+    return {"alpha": float(alpha), "n_tested": n_tested, "fraction_in_rejected": frac(rin),
+            "fraction_out_rejected": frac(rout), "fraction_either_rejected": frac(rin | rout),
+            "expected_either_by_chance": 1.0 - (1.0 - alpha) ** 2,
+            "min_group_size": _NORMALTEST_MIN}
 
 
 # ----------------------------------------------------------------------------- ROC

@@ -35,12 +35,15 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
         for name, c in curves.items():
             keep = (c["fpr"] > 0) & (c["tpr"] > 0)
             if keep.any():
-                ax.plot(c["fpr"][keep], c["tpr"][keep], label=name)
+                line, = ax.plot(c["fpr"][keep], c["tpr"][keep], label=name)
+                if "lo" in c:  # 95% band: jackknife over target pairs
+                    ax.fill_between(c["fpr"][keep], np.maximum(c["lo"][keep], 1e-6), c["hi"][keep],
+                                    color=line.get_color(), alpha=0.2, lw=0)
                 lo = min(lo, float(c["fpr"][keep].min()))
         lo = max(min(lo, 1e-3), 1e-6)
         ax.plot([lo, 1], [lo, 1], "k:", lw=0.8, label="chance")
         ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
-               ylabel="true positive rate", title="Leave-one-out membership inference (shadows)")
+               ylabel="true positive rate", title="Leave-pair-out membership inference (shadows)\nbands: 95%, jackknife over target pairs")
         ax.legend(fontsize=8)
         yield "lira_roc.png", png(fig)
     eps_groups = {k: v["eps"] for k, v in method_figs.items() if "eps" in v}
@@ -53,25 +56,27 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
                title="Competition per-example epsilon: unlearned vs retrained")
         ax.legend(fontsize=8)
         yield "epsilon_hist.png", png(fig)
-        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * (len(eps_groups) + 1), 4))
+        fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(eps_groups), 4))
         labels, x = [], 0
         for k, v in method_figs.items():
-            if "f" not in v:
-                continue
-            c = v["f"]
-            err = _yerr(c["forgetting_quality"], c["ci_low"], c["ci_high"])
-            ax.bar(x, c["forgetting_quality"], color="C0", yerr=err, capsize=4)
-            if "f_matched" in c:
-                ax.plot(x, c["f_matched"], "kD", ms=5, label="F at the F_null model count" if x == 0 else None)
-            labels.append(k)
+            c = v.get("f", {})
+            ec = c.get("equal_count")
+            if "forgetting_quality" in c:
+                ax.errorbar(x - 0.2, c["forgetting_quality"], yerr=_yerr(c["forgetting_quality"], c.get("ci_low"),
+                            c.get("ci_high")), fmt="o", color="C0", capsize=4,
+                            label="F, every model" if x == 0 else None)
+            if ec:
+                ax.errorbar(x, ec["f"], yerr=_yerr(ec["f"], *ec["f_ci"]), fmt="D", color="C1", capsize=4,
+                            label="F at n per side" if x == 0 else None)
+                ax.errorbar(x + 0.2, ec["f_null"], yerr=_yerr(ec["f_null"], *ec["f_null_ci"]), fmt="s", color="C2",
+                            capsize=4, label="F_null at n per side" if x == 0 else None)
+                labels.append(f"{k}\nn = {ec['n_per_side']}")
+            else:
+                labels.append(k)
             x += 1
-        if "f_null" in f_null:
-            ax.bar(x, f_null["f_null"], color="C2", yerr=_yerr(f_null["f_null"], f_null["ci_low"], f_null["ci_high"]),
-                   capsize=4)
-            labels.append(f"F_null\n(retrained halves,\n{f_null['n_per_half']} vs {f_null['n_per_half']})")
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set(ylabel="forgetting quality F", ylim=(0, 1.05),
-               title=f"F ({int(ci * 100)}% bootstrap interval) beside F_null")
+        ax.set(ylabel="forgetting quality F", ylim=(0, 1.05), xlim=(-0.6, len(labels) - 0.4),
+               title=f"F and F_null at equal model counts ({int(ci * 100)}% intervals)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         yield "forgetting_quality.png", png(fig)
@@ -111,7 +116,7 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
 
 
 def _yerr(point, lo, hi):
-    """Error bar lengths for a percentile interval (which need not contain the point estimate)."""
+    """Error bar lengths for an interval around the point estimate."""
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return None
     return [[max(0.0, point - lo)], [max(0.0, hi - point)]]
@@ -152,89 +157,18 @@ def markdown(rep: dict) -> str:
         L.append("")
     if rep["messages"]:
         L += ["## Notes: statistics not computed, or to read with care", ""] + [f"- {m}" for m in rep["messages"]] + [""]
-    lira = rep["lira"]
-    L += ["## Membership inference over the shadows (leave-one-out)", ""]
-    if "modes" in lira:
-        L.append(f"{lira['n_usable_shadows']} usable shadows x {lira['n_train_examples']} train examples x "
-                 f"{lira['n_queries']} queries; pooled over every (target shadow, train example); "
-                 f"variance {lira['variance']} ({lira['variance_rule']}).")
-        L += ["", "| attack | AUC | balanced accuracy | TPR at 0.1% FPR | TPR at 1% FPR |", "|---|---|---|---|---|"]
-        rows = [(f"LiRA {k}", v) for k, v in lira["modes"].items()] + [("RMIA (offline, a=0.3)", lira.get("rmia", {}))]
-        for name, v in rows:
-            if "auc" in v:
-                t = v["tpr_at_fpr"]
-                L.append(f"| {name} | {_fmt(v['auc'])} | {_fmt(v['accuracy'])} | {_fmt(t.get(0.001, t.get('0.001')), 4)} | "
-                         f"{_fmt(t.get(0.01, t.get('0.01')), 4)} |")
-            else:
-                L.append(f"| {name} | not computed: {v.get('message', '')} | | | |")
-        if "vulnerability" in lira:
-            v = lira["vulnerability"]
-            L += ["", f"Per-example vulnerability ({v['score']}; {v['definition']}): mean {_fmt(v['mean'])}, "
-                      f"forget {_fmt(v['mean_forget'])}, retain {_fmt(v['mean_retain'])}, quantiles "
-                      + ", ".join(f"{q}: {_fmt(x)}" for q, x in v["quantiles"].items())
-                      + f"; fraction with AUC >= 0.9: {_fmt(v['fraction_auc_ge_0.9'])}. "
-                      "Every value: per_example_lira.parquet."]
-        if any(f == "lira_roc.png" for f in rep["files"]):
-            L += ["", "![LiRA ROC](lira_roc.png)"]
-    else:
-        L.append(lira.get("message", ""))
-    L.append("")
+    L += _membership_md(rep)
     fn = rep["f_null"]
     L += ["## Unlearning methods against the retrained models", ""]
     if "f_null" in fn:
-        L.append(f"F_null (two disjoint halves of {fn['n_per_half']} retrained models): {_fmt(fn['f_null'])} "
-                 f"[{_fmt(fn['ci_low'])}, {_fmt(fn['ci_high'])}] ({int(fn['ci'] * 100)}% bootstrap, {fn['n_boot']} resamples).")
+        L.append(f"F_null (two disjoint sets of {fn['n_per_side']} retrained models, mean of {fn['n_draws']} draws): "
+                 f"{_ci(fn['f_null'], fn['ci_low'], fn['ci_high'])}; one draw's spread (sd) {_fmt(fn['sd_over_draws'])}. "
+                 "Perfect unlearning reads F / F_null = 1 at the same model count.")
     elif "message" in fn:
         L.append(f"F_null: {fn['message']}.")
     L.append("")
     for key, m in rep["methods"].items():
-        L += [f"### {key}", "", f"method `{m['method']}`, hparams `{json.dumps(m['hparams'], sort_keys=True)}`; "
-              f"{m['n_unlearned']} unlearned vs {m['n_retrained']} retrained models; "
-              f"{m['forget_examples_used']} forget examples.", ""]
-        c = m["competition"]
-        if "forgetting_quality" in c:
-            L.append(f"- forgetting quality F = {_fmt(c['forgetting_quality'])} [{_fmt(c['ci_low'])}, "
-                     f"{_fmt(c['ci_high'])}]; F / F_null = {_fmt(c.get('f_over_f_null'))}; "
-                     f"F at the F_null model count = {_fmt(c.get('f_matched'))}, over F_null = "
-                     f"{_fmt(c.get('f_matched_over_f_null'))}")
-            e = c["epsilon"]
-            L.append(f"- per-example epsilon: mean {_fmt(e['mean'])}, median {_fmt(e['median'])}, max {_fmt(e['max'])}, "
-                     f"at the cap 50: {_fmt(e['fraction_at_cap'])}")
-            if "final_score" in c:
-                a = c["accuracies"]
-                L.append(f"- final score = F x (RA_u/RA_r) x (TA_u/TA_r) = {_fmt(c['final_score'])} "
-                         f"(RA {_fmt(a['retain_unlearned'])}/{_fmt(a['retain_retrained'])}, "
-                         f"TA {_fmt(a['test_unlearned'])}/{_fmt(a['test_retrained'])})")
-        else:
-            L.append(f"- competition: {c['message']}")
-        t = m["two_sample"]
-        if "forget" in t:
-            parts = []
-            for name in ("forget", "retain_control", "test_control"):
-                v = t.get(name, {})
-                parts.append(f"{name} {_fmt(v.get('ks_fraction'))} / {_fmt(v.get('mw_fraction'))}"
-                             + (f" (n={v['n_examples']})" if "n_examples" in v else ""))
-            L.append(f"- fraction of examples whose distributions differ (KS / Mann-Whitney, BH q={t['q']}): "
-                     + "; ".join(parts))
-        u = m["ulira"]
-        L.append(f"- U-LiRA accuracy: {_fmt(u['accuracy'])} (0.5 = nothing leaks)" if "accuracy" in u
-                 else f"- U-LiRA: {u['message']}")
-        cost = m["cost"]
-        if "ratio" in cost:
-            L.append(f"- cost: unlearning {_fmt(cost['unlearn_seconds_mean'], 2)} s vs retraining "
-                     f"{_fmt(cost['retrain_seconds_mean'], 2)} s per model: ratio {_fmt(cost['ratio'])}")
-        if "time_cutoff" in cost:
-            L.append(f"- time cut-off {_fmt(cost['time_cutoff'])} of retraining: "
-                     f"{len(cost['over_time_cutoff'])} of {m['n_unlearned']} models over it"
-                     + (f" ({', '.join(cost['over_time_cutoff'][:5])}{' ...' if len(cost['over_time_cutoff']) > 5 else ''})"
-                        if cost["over_time_cutoff"] else ""))
-        if m.get("most_leaking"):
-            L.append("- most leaking forget examples: " + ", ".join(
-                f"{x['example_id']} (eps {_fmt(x['epsilon'], 2)})" for x in m["most_leaking"]))
-        leaking = f"leaking_{safe_name(key)}.png"
-        if leaking in rep["files"]:
-            L += ["", f"![most leaking]({leaking})"]
-        L.append("")
+        L += _method_md(key, m, rep["files"])
     for f, title in (("epsilon_hist.png", "epsilon histogram"), ("forgetting_quality.png", "F and F_null")):
         if f in rep["files"]:
             L += [f"![{title}]({f})", ""]
@@ -247,21 +181,163 @@ def markdown(rep: dict) -> str:
     return "\n".join(L)
 
 
+def _ci(x, lo, hi, nd=3) -> str:
+    return f"{_fmt(x, nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
+
+
+def _get(d: dict, key: float):
+    """A dict keyed by an FPR, before (float) or after (str) the JSON round trip."""
+    return d.get(key, d.get(str(key)))
+
+
+def _membership_md(rep: dict) -> list[str]:
+    lira = rep["lira"]
+    L = ["## Membership inference over the shadows (leave-pair-out)", ""]
+    if "modes" not in lira:
+        return L + [lira.get("message", ""), ""]
+    L.append(f"{lira['n_usable_shadows']} usable shadows x {lira['n_train_examples']} train examples x "
+             f"{lira['n_queries']} queries; pooled over every scored (target shadow, train example). References: "
+             f"{lira['references']}. Variance {lira['variance']} ({lira['variance_rule']}). {lira['precision']}; "
+             "chance is AUC 0.5, balanced accuracy 0.5 and TPR = FPR.")
+    L += ["", "| attack | AUC [95%] | TPR at 0.1% FPR [95%] | TPR at 1% FPR [95%] | shadows for AUC +-0.01 |",
+          "|---|---|---|---|---|"]
+    rows = [(f"LiRA {k}", v) for k, v in lira["modes"].items()]
+    rmia = lira.get("rmia", {})
+    rows.append((f"RMIA (offline, a={_fmt(rmia.get('a'), 2)}, gamma={_fmt(rmia.get('gamma'), 2)})", rmia))
+    for name, v in rows:
+        if "auc" not in v:
+            L.append(f"| {name} | not computed: {v.get('message', '')} | | | |")
+            continue
+        t, tci = v["tpr_at_fpr"], v.get("tpr_at_fpr_ci", {})
+        need = v.get("shadows_for_auc_half_width", {}).get("shadows")
+        L.append(f"| {name} | {_ci(v['auc'], *v.get('auc_ci', (None, None)))} | "
+                 f"{_ci(_get(t, 0.001), *(_get(tci, 0.001) or (None, None)), nd=4)} | "
+                 f"{_ci(_get(t, 0.01), *(_get(tci, 0.01) or (None, None)), nd=4)} | {need if need else 'n/a'} |")
+    if "rmia" in lira and "population" in rmia:
+        L.append(f"\nRMIA's population: {rmia['population']}.")
+    if "vulnerability" in lira:
+        v = lira["vulnerability"]
+        L += ["", f"Per-example vulnerability ({v['score']}; {v['definition']}, over {v['n_pairs']} pairs): mean "
+                  f"{_fmt(v['mean'])} (SE {_fmt(v['mean_se'], 4)}; chance {_fmt(v['chance_mean'])}), forget "
+                  f"{_fmt(v['mean_forget'])}, retain {_fmt(v['mean_retain'])}; share of examples >= 0.9: "
+                  f"{_fmt(v['fraction_ge_0.9'], 4)} (chance {_fmt(v['chance_fraction_ge_0.9'], 4)}). "
+                  "Every value: per_example_lira.parquet."]
+    g = lira.get("gaussian_check")
+    if g:
+        if g.get("n_tested"):
+            L += ["", f"LiRA's Gaussian assumption (D'Agostino-Pearson at {g['alpha']}, groups of >= "
+                      f"{g['min_group_size']} reference confidences, query 0): rejected for "
+                      f"{_fmt(g['fraction_in_rejected'])} of IN groups, {_fmt(g['fraction_out_rejected'])} of OUT "
+                      f"groups, {_fmt(g['fraction_either_rejected'])} of examples on either side (by chance "
+                      f"{_fmt(g['expected_either_by_chance'])}); {g['n_tested']} examples tested."]
+        else:
+            L += ["", f"LiRA's Gaussian assumption not checked: groups need >= {g['min_group_size']} reference "
+                      "confidences per side."]
+    if any(f == "lira_roc.png" for f in rep["files"]):
+        L += ["", "![LiRA ROC](lira_roc.png)"]
+    return L + [""]
+
+
+def _tests_md(t: dict) -> str:
+    parts = []
+    for name in ("forget", "retain_control", "test_control"):
+        v = t.get(name, {})
+        parts.append(f"{name} {_fmt(v.get('ks_fraction'))} / {_fmt(v.get('mw_fraction'))}"
+                     + (f" (n={v['n_examples']})" if "n_examples" in v else ""))
+    return "; ".join(parts)
+
+
+def _method_md(key: str, m: dict, files: list) -> list[str]:
+    L = [f"### {key}", ""]
+    if "competition" not in m:
+        return L + [m.get("message", ""), ""]
+    L += [f"method `{m['method']}`, hparams `{json.dumps(m['hparams'], sort_keys=True)}`; {m['n_unlearned']} "
+          f"unlearned models from {m['n_originals']} original(s) vs {m['n_retrained']} retrained models; "
+          f"{m['forget_examples_used']} forget examples.", ""]
+    if "dependence" in m:
+        L.append(f"- **dependence**: {m['dependence']}")
+    c = m["competition"]
+    if "forgetting_quality" in c:
+        ec = c.get("equal_count")
+        if ec:
+            L.append(f"- **F / F_null at {ec['n_per_side']} models per side = "
+                     f"{_ci(ec.get('ratio'), *ec.get('ratio_ci', (None, None)))}** (1 = like retraining): "
+                     f"F {_ci(ec['f'], *ec['f_ci'])}, F_null {_ci(ec['f_null'], *ec['f_null_ci'])}, each the mean "
+                     f"of {ec['n_draws']} draws (one draw's sd: {_fmt(ec['f_sd_over_draws'])} and "
+                     f"{_fmt(ec['f_null_sd_over_draws'])})")
+        elif "equal_count_message" in c:
+            L.append(f"- F / F_null: {c['equal_count_message']}")
+        need = c.get("models_for_f_half_width", {})
+        L.append(f"- forgetting quality F (every model, the competition's number) = "
+                 f"{_ci(c['forgetting_quality'], c.get('ci_low'), c.get('ci_high'))}"
+                 + (f" ({c['interval']}); F to +-{need['half_width']} needs about {need['unlearned']} unlearned and "
+                    f"{need['retrained']} retrained models" if need else f" ({c.get('interval_message', '')})"))
+        e = c["epsilon"]
+        L.append(f"- per-example epsilon: mean {_fmt(e['mean'])}, median {_fmt(e['median'])}, max {_fmt(e['max'])}, "
+                 f"at the cap 50: {_fmt(e['fraction_at_cap'])}")
+        if "final_score" in c:
+            a = c["accuracies"]
+            L.append(f"- final score = F x (RA_u/RA_r) x (TA_u/TA_r) = {_fmt(c['final_score'])} "
+                     f"(RA {_fmt(a['retain_unlearned'])}/{_fmt(a['retain_retrained'])}, "
+                     f"TA {_fmt(a['test_unlearned'])}/{_fmt(a['test_retrained'])})")
+    else:
+        L.append(f"- competition: {c['message']}")
+    t = m["two_sample"]
+    if "forget" in t:
+        L.append(f"- fraction of examples whose distributions differ (KS / Mann-Whitney, BH q={t['q']}; the controls "
+                 f"should read about 0 when models are independent): {_tests_md(t)}")
+    one = m.get("one_per_original")
+    if one:
+        L.append(f"- one model per original ({one['n_unlearned']} models): F {_fmt(one['forgetting_quality'])}; "
+                 f"tests {_tests_md(one['two_sample'])}" if "two_sample" in one
+                 else f"- one model per original: {one['message']}")
+    u = m["ulira"]
+    if "accuracy" in u:
+        ctrl = ", ".join(f"{k} {_fmt(u[k]['accuracy'])}" for k in ("retain_control", "test_control") if k in u)
+        L.append(f"- U-LiRA accuracy (folds grouped by original; 0.5 = nothing leaks): forget {_fmt(u['accuracy'])}"
+                 + (f"; the same attack on controls: {ctrl}" if ctrl else ""))
+    else:
+        L.append(f"- U-LiRA: {u['message']}")
+    cost = m.get("cost", {})
+    if "ratio" in cost:
+        L.append(f"- cost: unlearning {_fmt(cost['unlearn_seconds_mean'], 2)} s vs retraining "
+                 f"{_fmt(cost['retrain_seconds_mean'], 2)} s per model: ratio {_fmt(cost['ratio'])}")
+    if "time_cutoff" in cost:
+        L.append(f"- time cut-off {_fmt(cost['time_cutoff'])} of retraining: "
+                 f"{len(cost['over_time_cutoff'])} of {m['n_unlearned']} models over it"
+                 + (f" ({', '.join(cost['over_time_cutoff'][:5])}{' ...' if len(cost['over_time_cutoff']) > 5 else ''})"
+                    if cost["over_time_cutoff"] else ""))
+    if m.get("most_leaking"):
+        L.append("- most leaking forget examples: " + ", ".join(
+            f"{x['example_id']} (eps {_fmt(x['epsilon'], 2)})" for x in m["most_leaking"]))
+    leaking = f"leaking_{safe_name(key)}.png"
+    if leaking in files:
+        L += ["", f"![most leaking]({leaking})"]
+    return L + [""]
+
+
 def summary_lines(rep: dict) -> list[str]:
     """A few lines for the terminal: attack AUCs, F per method, notes, and where the report is."""
     lines = []
     lira = rep["lira"]
     for name, v in [(f"LiRA {k}", v) for k, v in lira.get("modes", {}).items()] + [("RMIA", lira.get("rmia", {}))]:
         if "auc" in v:
-            lines.append(f"{name}: AUC {_fmt(v['auc'])}, TPR at 0.1% FPR {_fmt(v['tpr_at_fpr'].get('0.001'), 4)}, "
-                         f"at 1% FPR {_fmt(v['tpr_at_fpr'].get('0.01'), 4)}")
+            lines.append(f"{name}: AUC {_ci(v['auc'], *v.get('auc_ci', (None, None)))}, TPR at 0.1% FPR "
+                         f"{_fmt(_get(v['tpr_at_fpr'], 0.001), 4)}, at 1% FPR {_fmt(_get(v['tpr_at_fpr'], 0.01), 4)}")
+    vul = lira.get("vulnerability")
+    if vul:
+        lines.append(f"per-example vulnerability: mean {_fmt(vul['mean'])} (chance 0.5), share >= 0.9 "
+                     f"{_fmt(vul['fraction_ge_0.9'], 4)} (chance {_fmt(vul['chance_fraction_ge_0.9'], 4)})")
     for key, m in rep["methods"].items():
         c = m.get("competition", {})
         if "forgetting_quality" in c:
             u = m.get("ulira", {})
-            lines.append(f"{key}: F {_fmt(c['forgetting_quality'])} [{_fmt(c.get('ci_low'))}, {_fmt(c.get('ci_high'))}], "
-                         f"F_null {_fmt(c.get('f_null'))}, F/F_null {_fmt(c.get('f_over_f_null'))}, "
-                         f"final score {_fmt(c.get('final_score'))}, U-LiRA accuracy {_fmt(u.get('accuracy'))}")
+            ec = c.get("equal_count", {})
+            ratio = (f"F/F_null at {ec['n_per_side']} per side {_ci(ec.get('ratio'), *ec.get('ratio_ci', (None, None)))}, "
+                     if ec else "")
+            lines.append(f"{key} ({m['n_unlearned']} models from {m['n_originals']} originals): {ratio}"
+                         f"F {_ci(c['forgetting_quality'], c.get('ci_low'), c.get('ci_high'))}, final score "
+                         f"{_fmt(c.get('final_score'))}, U-LiRA accuracy {_fmt(u.get('accuracy'))}")
         else:
             lines.append(f"{key}: {c.get('message', m.get('message', 'not computed'))}")
     lines += [f"note: {line}" for line in rep["messages"]]

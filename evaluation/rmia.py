@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 
-__all__ = ["rmia_scores", "rmia_leave_one_out"]
+from .vulnerability import _check_partner
+
+__all__ = ["rmia_scores", "rmia_leave_one_out", "rmia_leave_pair_out"]
 
 
 def _prob(c, name):
@@ -116,4 +118,66 @@ def rmia_leave_one_out(conf, shadow_in, pop_conf, *, a: float = 0.3, gamma: floa
         pr_x = ((1 + a) * mean_out + (1 - a)) / 2
         pr_z = ((1 + a) * (sum_z - pz[t]) / (m - 1) + (1 - a)) / 2
         out[t] = _count_greater(p[t] / pr_x, pz[t] / pr_z, gamma)
+    return out
+
+
+def rmia_leave_pair_out(conf, shadow_in, partner, pop_conf=None, *, a: float = 0.3, gamma: float = 1.0) -> np.ndarray:
+    """Offline RMIA with every shadow t as the target and all shadows except t and its partner as
+    references -> float64[M, E] in [0, 1] (NaN rows where partner[t] is -1).
+
+    conf[M, E(, Q)], shadow_in bool[M, E], partner int[M] (or int[M, E] with constant rows) whose
+    membership is the opposite of t's on every example (complementary pairs), pop_conf[M, Z(, Q)] or
+    None.  p = sigmoid(conf) averaged over queries; R_t = all shadows except t and partner[t]:
+
+        Pr_t(e)   = ((1+a) * mean_{r in R_t, r OUT on e} p_r(e) + 1 - a) / 2    (train examples)
+        Pr_t(z)   = ((1+a) * mean_{r in R_t} p_r(z) + 1 - a) / 2                 (pop_conf columns)
+        ratio_t   = p_t / Pr_t
+        score_t(x) = mean_{z in Z_t} 1[ratio_t(x) / ratio_t(z) > gamma]
+
+    with the population Z_t = the train examples OUT for t plus every pop_conf column.  The OUT mean
+    comes from running sums minus the one OUT value of the pair (exactly one of t, partner is OUT on
+    e).  Needs >= 2 OUT shadows per example (one remains as reference).
+    """
+    p = _mean_q(_prob(conf, "conf"), 2)
+    mask = np.asarray(shadow_in)
+    if p.ndim != 2 or mask.dtype != bool or mask.shape != p.shape:
+        raise ValueError(f"expected conf[M,E(,Q)] and boolean shadow_in[M,E], got {np.shape(conf)} and {mask.shape}")
+    m = p.shape[0]
+    pz = None
+    if pop_conf is not None:
+        pz = _mean_q(_prob(pop_conf, "pop_conf"), 2)
+        if pz.ndim != 2 or pz.shape[0] != m:
+            raise ValueError(f"pop_conf must have shape [M, Z(, Q)] with M = {m}, got {np.shape(pop_conf)}")
+    if not (0.0 <= a <= 1.0):
+        raise ValueError(f"a must lie in [0, 1], got {a}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    pt = _check_partner(partner, mask)
+    varies = (pt != pt[:, :1]).any(1)
+    if varies.any():
+        raise ValueError(f"rmia_leave_pair_out needs one partner per shadow; partner row {int(np.argmax(varies))} "
+                         "varies across examples")
+    pt = pt[:, 0] if pt.shape[1] else np.full(m, -1)
+    n_out = (~mask).sum(0)
+    if (n_out < 2).any():
+        e = int(np.argmax(n_out < 2))
+        raise ValueError(f"leave-pair-out RMIA needs at least 2 OUT shadows for every example; "
+                         f"example {e} has {int(n_out[e])}")
+    sum_out = np.where(mask, 0.0, p).sum(0)
+    sum_z = pz.sum(0) if pz is not None else None
+    out = np.full(p.shape, np.nan)
+    for t in range(m):
+        q = int(pt[t])
+        if q < 0:
+            continue
+        removed = np.where(mask[t], p[q], p[t])  # the OUT member's value on each example
+        pr_x = ((1 + a) * (sum_out - removed) / (n_out - 1) + (1 - a)) / 2
+        ratio = p[t] / pr_x
+        pop = ratio[~mask[t]]
+        if pz is not None:
+            pr_z = ((1 + a) * (sum_z - pz[t] - pz[q]) / (m - 2) + (1 - a)) / 2
+            pop = np.concatenate([pop, pz[t] / pr_z])
+        if pop.size == 0:
+            raise ValueError(f"target {t} has an empty population (no OUT train example and no pop_conf)")
+        out[t] = _count_greater(ratio, pop, gamma)
     return out

@@ -50,8 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="run store URI")
     p.add_argument("--method", help="only this unlearning method (its name or <method>-<hparams hash>)")
     p.add_argument("--out", help="report folder or URI (default: <run>/report/)")
-    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples for the F intervals")
+    p.add_argument("--n-boot", type=int, default=None,
+                   help="draws behind the equal-count F and F_null (default 20; a multiple of 4 keeps their "
+                        "jackknife groups equal)")
     p.add_argument("--max-examples", type=int, default=None, help="at most this many forget examples per statistic")
+    p.add_argument("--rmia-a", type=float, default=None, help="RMIA's offline a (default 0.3)")
+    p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA's likelihood-ratio threshold (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -59,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
 def cmd_evaluate(args) -> int:
     from evaluation.report import evaluate_store, summary_lines
 
-    kw = {k: v for k, v in (("n_boot", args.n_boot), ("max_examples", args.max_examples)) if v is not None}
+    kw = {k: v for k, v in (("n_boot", args.n_boot), ("max_examples", args.max_examples),
+                            ("rmia_a", args.rmia_a), ("rmia_gamma", args.rmia_gamma)) if v is not None}
     rep = evaluate_store(args.store, out=args.out, method=args.method, progress=not args.no_progress, **kw)
     print("\n".join(summary_lines(rep)))
     return 0
@@ -131,6 +136,12 @@ def cmd_demo(args) -> int:
             print(f"  {role:<10} " + "  ".join(parts))
     where = args.store if "://" in args.store else os.path.abspath(args.store)
     print(f"\nthe run is in {where}  (ufarm status {args.store})")
+    if rc == 0:  # the demo ends with what users publish: the evaluation's headline figures
+        from evaluation.report import evaluate_store, summary_lines
+
+        print("\nevaluation (ufarm evaluate):")
+        rep = evaluate_store(args.store, progress=not args.no_progress)
+        print("\n".join(f"  {line}" for line in summary_lines(rep)))
     return rc
 
 

@@ -76,7 +76,9 @@ def shadow_membership(train_ids: np.ndarray, n_shadow: int, run_seed: int) -> np
 
     Shadows come in complementary pairs: shadow 2k takes a seeded random half of the train split and
     shadow 2k+1 the other half. Every train example is therefore IN for exactly half of any even number
-    of shadows (LiRA's balanced masks), and adding pairs later leaves the existing shadows unchanged.
+    of shadows, and adding pairs later leaves the existing shadows unchanged. This is stricter than LiRA's
+    masks (independent balanced subsets): the two shadows of a pair are dependent, which is why the report
+    scores each target without itself and its partner.
     """
     n = len(train_ids)
     masks = np.zeros((n_shadow, n), dtype=bool)

@@ -351,8 +351,10 @@ def prepare_setup(spec: Spec, ts: TuneSpec, store_uri: str, *, address: str | No
     rc = store.read_conf(retrain_ids)
     retrain_conf = rc.conf[:, forget_idx, 0].astype(np.float64)
     rmarks = [intact[m] for m in retrain_ids]
-    f_null = (forgetting_quality_null(retrain_conf, n_boot=0, seed=spec.seed)["f_null"]
-              if len(retrain_ids) >= 4 else float("nan"))
+    # F_null at the trials' model count where the retrained models allow it (F depends on the count)
+    n_null = min(ts.models, len(retrain_ids) // 2)
+    f_null = (forgetting_quality_null(retrain_conf, n_splits=20, seed=spec.seed, n_per_side=n_null)["f_null"]
+              if n_null >= 2 else float("nan"))
     store_uri_abs = store.uri if store.is_s3 else store.root
     ctx = RunContext(spec=spec, store_uri=store_uri_abs, images=dataset.images, labels=dataset.labels,
                      split=dataset.split, forget=plan.forget, n_classes=dataset.n_classes)

@@ -184,3 +184,148 @@ def rmia_loop(target_x, ref_x, ref_in, target_z, ref_z, a, gamma):
         rx = px_t[e] / px
         out.append(np.mean([rx / rz > gamma for rz in ratios_z]))
     return np.array(out)
+
+
+def lira_pair_loop(conf, shadow_in, partner, mode, variance):
+    """Leave-pair-out LiRA one (target, example) cell at a time: refit on every shadow except the
+    target and partner[t, e] (partner int[M, E], -1 = NaN).  variance="global" uses one spread per
+    side pooled over all shadows, examples and queries after centring each (example, query) group."""
+    conf = np.asarray(conf, dtype=np.float64)
+    if conf.ndim == 2:
+        conf = conf[..., None]
+    m, n_ex, q = conf.shape
+    pooled = {}
+    if variance == "global":
+        for side, want in (("in", True), ("out", False)):
+            num, den = 0.0, 0
+            for e in range(n_ex):
+                for k in range(q):
+                    vals = [conf[s, e, k] for s in range(m) if shadow_in[s, e] == want]
+                    if vals:
+                        mean = sum(vals) / len(vals)
+                        num += sum((v - mean) ** 2 for v in vals)
+                        den += len(vals)
+            pooled[side] = np.sqrt(num / den)
+    out = np.full((m, n_ex), np.nan)
+    for t in range(m):
+        for e in range(n_ex):
+            p = partner[t, e]
+            if p < 0:
+                continue
+            x = conf[t, e]
+            if mode == "global":
+                out[t, e] = x.mean()
+                continue
+            refs = [s for s in range(m) if s != t and s != p]
+            xin = np.array([conf[s, e] for s in refs if shadow_in[s, e]]).reshape(-1, q)
+            xout = np.array([conf[s, e] for s in refs if not shadow_in[s, e]]).reshape(-1, q)
+            sd_out = np.full(q, pooled["out"]) if variance == "global" else np.std(xout, 0)
+            if mode == "online":
+                sd_in = np.full(q, pooled["in"]) if variance == "global" else np.std(xin, 0)
+                s = stats.norm.logpdf(x, np.median(xin, 0), sd_in + 1e-30) - stats.norm.logpdf(
+                    x, np.median(xout, 0), sd_out + 1e-30)
+            else:
+                s = stats.norm.logcdf(x, np.median(xout, 0), sd_out + 1e-30)
+            out[t, e] = np.mean(s)
+    return out
+
+
+def pair_vulnerability_loop(scores, shadow_in, partner):
+    """Per example: collect the distinct unordered pairs {t, partner[t, e]} and compare IN vs OUT."""
+    m, n_ex = scores.shape
+    out = []
+    for e in range(n_ex):
+        pairs = set()
+        for t in range(m):
+            if partner[t, e] >= 0:
+                pairs.add(frozenset((t, int(partner[t, e]))))
+        wins = []
+        for pair in pairs:
+            a, b = sorted(pair)
+            i, o = (a, b) if shadow_in[a, e] else (b, a)
+            wins.append(1.0 if scores[i, e] > scores[o, e] else 0.5 if scores[i, e] == scores[o, e] else 0.0)
+        out.append(np.mean(wins) if wins else np.nan)
+    return np.array(out)
+
+
+def rmia_pair_loop(conf, shadow_in, partner, pop_conf, a, gamma):
+    """Leave-pair-out offline RMIA, one target and one example at a time (partner int[M])."""
+    p = 1 / (1 + np.exp(-np.asarray(conf, dtype=np.float64)))
+    if p.ndim == 3:
+        p = p.mean(-1)
+    pz = None
+    if pop_conf is not None:
+        pz = 1 / (1 + np.exp(-np.asarray(pop_conf, dtype=np.float64)))
+        if pz.ndim == 3:
+            pz = pz.mean(-1)
+    m, n_ex = p.shape
+    out = np.full((m, n_ex), np.nan)
+    for t in range(m):
+        refs = [r for r in range(m) if r != t and r != partner[t]]
+
+        def ratio_train(e):
+            outs = [p[r, e] for r in refs if not shadow_in[r, e]]
+            return p[t, e] / (((1 + a) * np.mean(outs) + 1 - a) / 2)
+
+        population = [ratio_train(e) for e in range(n_ex) if not shadow_in[t, e]]
+        if pz is not None:
+            for z in range(pz.shape[1]):
+                population.append(pz[t, z] / (((1 + a) * np.mean([pz[r, z] for r in refs]) + 1 - a) / 2))
+        for e in range(n_ex):
+            rx = ratio_train(e)
+            out[t, e] = np.mean([rx / rz > gamma for rz in population])
+    return out
+
+
+def ulira_grouped_loop(unlearned, retrained, groups_u, groups_r, folds, seed):
+    """Grouped U-LiRA by the written recipe: the sorted distinct groups of each kind are permuted
+    (default_rng(seed), unlearned first), split into folds with np.array_split, and every target is
+    scored against the models outside its fold, one example at a time."""
+    rng = np.random.default_rng(seed)
+    fold_sets = []
+    for groups in (groups_u, groups_r):
+        labels = sorted(set(groups.tolist()))
+        perm = rng.permutation(len(labels))
+        parts = np.array_split(perm, folds)
+        fold_of = {labels[g]: k for k, part in enumerate(parts) for g in part}
+        fold_sets.append([fold_of[g] for g in groups])
+    fu, fr = fold_sets
+    n_ex = unlearned.shape[1]
+    per_example = []
+    for e in range(n_ex):
+        acc = []
+        for models, fold, is_u in ((unlearned, fu, True), (retrained, fr, False)):
+            right = 0.0
+            for i in range(len(models)):
+                ref_u = [unlearned[j, e] for j in range(len(unlearned)) if fu[j] != fold[i]]
+                ref_r = [retrained[j, e] for j in range(len(retrained)) if fr[j] != fold[i]]
+                # no model of the target's group is a reference
+                grp = groups_u if is_u else groups_r
+                assert all(fold[j] == fold[i] for j in range(len(models)) if grp[j] == grp[i])
+                lr = stats.norm.logpdf(models[i, e], np.mean(ref_u), np.std(ref_u) + 1e-30) - stats.norm.logpdf(
+                    models[i, e], np.mean(ref_r), np.std(ref_r) + 1e-30)
+                right += (lr > 0 if is_u else lr < 0) + 0.5 * (lr == 0)
+            acc.append(right / len(models))
+        per_example.append(0.5 * (acc[0] + acc[1]))
+    return np.array(per_example)
+
+
+def normal_rejections_loop(conf, shadow_in, alpha):
+    """scipy.stats.normaltest on each example's IN and OUT groups (query 0), one example at a time."""
+    import warnings
+    c = np.asarray(conf, dtype=np.float64)
+    if c.ndim == 3:
+        c = c[..., 0]
+    rin, rout = [], []
+    for e in range(c.shape[1]):
+        xin, xout = c[shadow_in[:, e], e], c[~shadow_in[:, e], e]
+        if len(xin) < 8 or len(xout) < 8:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pi, po = stats.normaltest(xin).pvalue, stats.normaltest(xout).pvalue
+        if np.isnan(pi) or np.isnan(po):
+            continue
+        rin.append(pi < alpha)
+        rout.append(po < alpha)
+    return np.array(rin), np.array(rout)

@@ -113,9 +113,18 @@ def test_identical_and_separated_worlds():
 def test_null_calibration():
     rng = np.random.default_rng(8)
     r = rng.normal(0, 1, (24, 6))
-    res = forgetting_quality_null(r, n_boot=5, seed=1)
-    assert res["n_per_half"] == 12 and 0 <= res["f_null"] <= 1
-    assert res["ci_low"] <= res["ci_high"] and res["boot"].shape == (5,)
+    res = forgetting_quality_null(r, n_splits=5, seed=1)
+    assert res["n_per_half"] == 12 and 0 <= res["f_null"] <= 1 and res["splits"].shape == (5,)
+    # the mean over splits, each split an independent computation on disjoint halves
+    rng1 = np.random.default_rng(1)
+    want = []
+    for _ in range(5):
+        perm = rng1.permutation(24)
+        want.append(forgetting_quality(r[np.sort(perm[:12])], r[np.sort(perm[12:])]))
+    assert res["f_null"] == pytest.approx(np.mean(want)) and res["sd"] == pytest.approx(np.std(want, ddof=1))
+    assert forgetting_quality_null(r, n_splits=3, n_per_side=5)["n_per_half"] == 5
+    with pytest.raises(ValueError, match="n_per_side"):
+        forgetting_quality_null(r, n_per_side=13)
 
 
 @pytest.mark.parametrize("bad, msg", [

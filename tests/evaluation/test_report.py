@@ -8,11 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.competition import (final_score, forgetting_quality, forgetting_quality_null,
-                                    per_example_epsilons)
-from evaluation.lira import lira_leave_one_out, roc_metrics
-from evaluation.report import ReportError, evaluate_store, per_example_auc
-from evaluation.rmia import rmia_leave_one_out
+from evaluation.competition import final_score, forgetting_quality, per_example_epsilons
+from evaluation.lira import lira_leave_pair_out, roc_metrics
+from evaluation.report import ReportError, evaluate_store
+from evaluation.rmia import rmia_leave_pair_out
 from evaluation.twosample import per_example_tests
 from evaluation.ulira import ulira_attack
 from farm.cli import main
@@ -29,13 +28,13 @@ def base_store(tmp_path_factory):
     from farm.spec import spec_from_dict
 
     raw = copy.deepcopy(TINY_SPEC)
-    raw["counts"] = {"original": 1, "retrain": 6, "shadow": 4}
-    raw["unlearn"][0]["count"] = 4
+    raw["counts"] = {"original": 4, "retrain": 8, "shadow": 4}
+    raw["unlearn"][0]["count"] = 4  # one per original: U-LiRA's folds take 2 originals each
     raw["forget"]["fraction"] = 0.04  # 58 forget examples keep the epsilon searches short
     raw["time_cutoff"] = 0.3  # the report marks unlearned models slower than 0.3 x mean retraining time
     uri = str(tmp_path_factory.mktemp("report") / "run")
     result = run_local(prepare_run(spec_from_dict(raw), uri), progress=False)
-    assert not result.failed and len(result.trained) == 15
+    assert not result.failed and len(result.trained) == 20
     return uri
 
 
@@ -67,7 +66,7 @@ def test_report_files_and_fields(base_store, report):
             assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     on_disk = json.load(open(os.path.join(folder, "report.json")))
     assert on_disk == {k: v for k, v in report.items() if k != "out"}
-    assert report["models"] == {"original": 1, "retrain": 6, "shadow": 4, "unlearned:" + next(iter(report["methods"])): 4}
+    assert report["models"] == {"original": 4, "retrain": 8, "shadow": 4, "unlearned:" + next(iter(report["methods"])): 4}
     assert report["nonfinite"] == []
     assert set(report["lira"]["modes"]) == {"online", "offline", "global"}
     for v in list(report["lira"]["modes"].values()) + [report["lira"]["rmia"]]:
@@ -75,11 +74,16 @@ def test_report_files_and_fields(base_store, report):
     (key, m), = report["methods"].items()
     assert key.startswith("finetune-") and m["hparams"] == {"epochs": 1, "lr": 0.01}
     c = m["competition"]
-    for field in ("forgetting_quality", "ci_low", "ci_high", "f_null", "f_over_f_null", "f_matched",
-                  "f_matched_over_f_null", "final_score", "epsilon"):
+    for field in ("forgetting_quality", "ci_low", "ci_high", "se", "equal_count", "final_score", "epsilon"):
         assert field in c, field
+    assert c["ci_low"] <= c["forgetting_quality"] <= c["ci_high"]
+    ec = c["equal_count"]
+    assert ec["n_per_side"] == 3 and ec["f_ci"][0] <= ec["f"] <= ec["f_ci"][1]
+    assert ec["f_null_ci"][0] <= ec["f_null"] <= ec["f_null_ci"][1]
+    assert m["n_originals"] == 4 and "dependence" not in m
     assert set(m["two_sample"]) >= {"forget", "retain_control", "test_control"}
     assert 0 <= m["ulira"]["accuracy"] <= 1 and m["cost"]["ratio"] > 0
+    assert set(m["ulira"]) >= {"forget", "retain_control", "test_control"}
     assert set(report["utility"]) == {"original", "retrain", "shadow", f"unlearned:{key}"}
     md = open(os.path.join(folder, "report.md")).read()
     assert "LiRA online" in md and "forgetting quality F" in md and "![LiRA ROC](lira_roc.png)" in md
@@ -93,26 +97,29 @@ def test_numbers_equal_direct_computation(base_store, report):
     sh = store.read_conf(roles=("shadow",))
     conf, member = sh.conf[:, train], sh.trained_on[:, train]
     lira = report["lira"]
-    assert lira["variance"] == "global"  # 4 shadows: 1 reference per side after leaving one out
+    assert lira["variance"] == "global"  # 4 shadows: 1 reference per side after leaving a pair out
+    assert lira["references"].startswith("leave-pair-out")
+    partner = np.array([1, 0, 3, 2])  # shadow-00000 with 00001, 00002 with 00003
+    assert (member[0] != member[1]).all() and (member[2] != member[3]).all()
     for mode in ("online", "offline", "global"):
-        scores = lira_leave_one_out(conf, member, mode=mode, variance="global")
+        scores = lira_leave_pair_out(conf, member, partner, mode=mode, variance="global")
         want = roc_metrics(scores.ravel(), member.ravel())
         got = lira["modes"][mode]
         assert got["auc"] == pytest.approx(want["auc"], abs=1e-12)
-        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
         assert got["tpr_at_fpr"]["0.01"] == pytest.approx(want["tpr_at_fpr"][0.01], abs=1e-12)
+        assert got["auc_ci"][0] <= got["auc"] <= got["auc_ci"][1]
         if mode == "online":
             online = scores
-    rs = rmia_leave_one_out(conf, member, sh.conf[:, test])
+    rs = rmia_leave_pair_out(conf, member, partner, sh.conf[:, test])
     assert lira["rmia"]["auc"] == pytest.approx(roc_metrics(rs.ravel(), member.ravel())["auc"], abs=1e-12)
-    # per-example vulnerability: AUC of IN targets vs OUT targets, by a direct pair count
-    vul = pq.read_table(os.path.join(base_store, "report", "per_example_lira.parquet"))
-    auc = vul.column("vulnerability_auc").to_numpy()
+    # per-example vulnerability: within each pair, does the IN member score above the OUT member?
+    vul = pq.read_table(os.path.join(base_store, "report", "per_example_lira.parquet")).column("vulnerability")
+    vul = vul.to_numpy()
     for e in (0, 5, 17):
-        s_in, s_out = online[member[:, e], e], online[~member[:, e], e]
-        pairs = (s_in[:, None] > s_out[None, :]).mean() + 0.5 * (s_in[:, None] == s_out[None, :]).mean()
-        assert auc[e] == pytest.approx(pairs, abs=1e-12)
-    np.testing.assert_allclose(per_example_auc(online, member), auc)
+        wins = [float(online[a, e] > online[b, e]) + 0.5 * float(online[a, e] == online[b, e])
+                for a, b in ((0, 1), (2, 3)) for a, b in [(a, b) if member[a, e] else (b, a)]]
+        assert vul[e] == pytest.approx(np.mean(wins), abs=1e-12)
+    assert lira["vulnerability"]["chance_fraction_ge_0.9"] == pytest.approx(0.25)  # both of 2 pairs by chance
 
     # the competition on the forget set with query 0
     markers = store.markers()
@@ -131,15 +138,16 @@ def test_numbers_equal_direct_computation(base_store, report):
            for role, ids in (("u", u.model_ids), ("r", r.model_ids))}
     assert c["final_score"] == pytest.approx(final_score(f, acc["u"]["retain"], acc["u"]["test"],
                                                          acc["r"]["retain"], acc["r"]["test"]), rel=1e-12)
-    null = forgetting_quality_null(r0, n_boot=N_BOOT, seed=0)
-    assert report["f_null"]["f_null"] == pytest.approx(null["f_null"], abs=1e-15)
-    assert report["f_null"]["ci_low"] == pytest.approx(null["ci_low"]) and report["f_null"]["n_per_half"] == 3
-    if null["f_null"] > 0:
-        assert c["f_over_f_null"] == pytest.approx(f / null["f_null"])
+    ec = c["equal_count"]
+    assert report["f_null"]["f_null"] == ec["f_null"] and report["f_null"]["n_per_side"] == ec["n_per_side"]
+    if ec["f_null"] > 0:
+        assert ec["ratio"] == pytest.approx(ec["f"] / ec["f_null"])
     tests = per_example_tests(u0, r0, 0.05)
     assert m["two_sample"]["forget"]["ks_fraction"] == pytest.approx(tests["ks_fraction"])
     assert m["two_sample"]["forget"]["mw_fraction"] == pytest.approx(tests["mw_fraction"])
-    ul = ulira_attack(u.conf[:, forget], r.conf[:, forget], folds=2, seed=0)
+    parents = [markers[i]["parent"] for i in u.model_ids]
+    assert len(set(parents)) == 4
+    ul = ulira_attack(u.conf[:, forget], r.conf[:, forget], folds=2, seed=0, groups_unlearned=parents)
     assert m["ulira"]["accuracy"] == pytest.approx(ul["accuracy"], abs=1e-15)
     # utility and cost from the markers
     shadow_retain = [markers[i]["accuracy"]["retain"] for i in sh.model_ids]
@@ -168,23 +176,21 @@ def test_too_few_models_messages(base_store, tmp_path):
     uri = _copy(base_store, tmp_path)
     shutil.rmtree(os.path.join(uri, "report"), ignore_errors=True)
     for mid in ("shadow-00002", "shadow-00003", "retrain-00002", "retrain-00003", "retrain-00004",
-                "retrain-00005"):
+                "retrain-00005", "retrain-00006", "retrain-00007"):
         os.remove(os.path.join(uri, "models", f"{mid}.json"))
     for mid in sorted(os.listdir(os.path.join(uri, "models"))):
         if mid.startswith("unlearned") and not mid.endswith(("00000.json", "00001.json")):
             os.remove(os.path.join(uri, "models", mid))
     rep = evaluate_store(uri, n_boot=2, max_examples=30, progress=False)
-    modes = rep["lira"]["modes"]
-    assert "needs at least 2 IN and 2 OUT shadows" in modes["online"]["message"]
-    assert "needs at least 2 OUT shadows" in modes["offline"]["message"]
-    assert "auc" in modes["global"]  # 2 complementary shadows still give the baseline attack
-    assert "needs at least 4 retrained models" in rep["f_null"]["message"]
+    assert "LiRA needs at least 4 shadow models" in rep["lira"]["message"] and "modes" not in rep["lira"]
+    assert "F_null needs at least 3 retrained models per side" in rep["f_null"]["message"]
     (key, m), = rep["methods"].items()
     assert "forgetting_quality" in m["competition"]  # 2 + 2 models are enough for the score
-    assert "U-LiRA needs at least 4 unlearned and 4 retrained models" in m["ulira"]["message"]
-    assert any("needs at least 4 retrained" in x for x in rep["messages"])
+    assert "no equal-count comparison" in m["competition"]["equal_count_message"]
+    assert "U-LiRA needs at least 4 originals" in m["ulira"]["message"]
+    assert any("F_null needs at least 3" in x for x in rep["messages"])
     md = open(os.path.join(uri, "report", "report.md")).read()
-    assert "U-LiRA needs at least 4" in md
+    assert "U-LiRA needs at least 4" in md and "LiRA needs at least 4 shadow models" in md
     # one more model gone: nothing is computable -> an error that says what is needed
     os.remove(os.path.join(uri, "models", "retrain-00001.json"))
     os.remove(os.path.join(uri, "models", "shadow-00001.json"))
