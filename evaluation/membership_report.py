@@ -124,18 +124,21 @@ def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, 
     sec["variance_rule"] = (f"per_example when every train example keeps >= {PER_EXAMPLE_VARIANCE_MIN_REFS} IN and "
                             f"OUT references (64 shadows in pairs), else global (here {refs})")
     groups, n_groups = assign_groups(pair_id, JACKKNIFE_GROUPS, [seed, 0x1AC])
-    sec["precision"] = (f"95% intervals: delete-a-group jackknife over {n_groups} groups of target pairs "
-                        f"(t with {n_groups - 1} degrees of freedom)")
-    cell_group = np.broadcast_to(groups[:, None], member.shape)
+    ex_groups, n_ex_groups = assign_groups(np.arange(n_train), JACKKNIFE_GROUPS, [seed, 0x1AD])
+    dof = min(n_groups, n_ex_groups) - 1
+    sec["precision"] = (f"95% intervals: two-way delete-a-group jackknife over {n_groups} groups of target pairs "
+                        f"and {n_ex_groups} groups of examples (variances added; t with {dof} degrees of freedom)")
+    cells = [(np.broadcast_to(groups[:, None], member.shape), n_groups),
+             (np.broadcast_to(ex_groups[None, :], member.shape), n_ex_groups)]
     sec["modes"] = {}
     online = None
     for mode in LIRA_MODES:
         status(f"LiRA {mode} leave-pair-out")
         scores = lira_leave_pair_out(conf_tr, member, partner, mode=mode, variance=variance)
         ok = np.isfinite(scores)
-        fig = roc_jackknife(scores[ok], member[ok], cell_group[ok], n_groups, FPRS, ROC_GRID)
-        curves[f"LiRA {mode}"] = _curve(fig, n_groups - 1)
-        sec["modes"][mode] = {**_precision_fields(fig, n_groups - 1, m), "n_cells": int(ok.sum())}
+        fig = roc_jackknife(scores[ok], member[ok], [(c[ok], k) for c, k in cells], FPRS, ROC_GRID)
+        curves[f"LiRA {mode}"] = _curve(fig, dof)
+        sec["modes"][mode] = {**_precision_fields(fig, dof, m), "n_cells": int(ok.sum())}
         if mode == "online":
             online = scores
     status("RMIA leave-pair-out")
@@ -144,9 +147,9 @@ def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, 
         sec["rmia"] = {"message": "RMIA with leave-pair-out references needs shadows in complementary pairs"}
     else:
         rs = rmia_leave_pair_out(conf_tr, member, rmia_partner, pop, a=rmia_a, gamma=rmia_gamma)
-        fig = roc_jackknife(rs.ravel(), member.ravel(), cell_group.ravel(), n_groups, FPRS, ROC_GRID)
-        curves["RMIA"] = _curve(fig, n_groups - 1)
-        sec["rmia"] = {**_precision_fields(fig, n_groups - 1, m), "a": rmia_a, "gamma": rmia_gamma,
+        fig = roc_jackknife(rs.ravel(), member.ravel(), [(c.ravel(), k) for c, k in cells], FPRS, ROC_GRID)
+        curves["RMIA"] = _curve(fig, dof)
+        sec["rmia"] = {**_precision_fields(fig, dof, m), "a": rmia_a, "gamma": rmia_gamma,
                        "population": (f"per target, the {int(n_train - member.sum(1).max())}+ train examples it "
                                       f"was not trained on" + (f" and {pop.shape[1]} test examples"
                                                                if pop is not None else ""))}
@@ -160,7 +163,8 @@ def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, 
                        "member (ties 1/2), both scored leave-pair-out; chance 0.5"),
         "n_pairs": n_pairs,
         "mean": float(fin.mean()) if fin.size else float("nan"),
-        "mean_se": _vulnerability_se(online, member, partner, groups, n_groups),
+        "mean_se": float(np.hypot(_vulnerability_se(online, member, partner, groups, n_groups),
+                                  jackknife_se([np.nanmean(vul[ex_groups != g]) for g in range(n_ex_groups)]))),
         "chance_mean": 0.5,
         f"fraction_ge_{VULNERABLE}": float((fin >= VULNERABLE).mean()) if fin.size else float("nan"),
         f"chance_fraction_ge_{VULNERABLE}": chance,

@@ -43,7 +43,7 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
         lo = max(min(lo, 1e-3), 1e-6)
         ax.plot([lo, 1], [lo, 1], "k:", lw=0.8, label="chance")
         ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
-               ylabel="true positive rate", title="Leave-pair-out membership inference (shadows)\nbands: 95%, jackknife over target pairs")
+               ylabel="true positive rate", title="Leave-pair-out membership inference (shadows)\nbands: 95%, jackknife over target pairs and examples")
         ax.legend(fontsize=8)
         yield "lira_roc.png", png(fig)
     eps_groups = {k: v["eps"] for k, v in method_figs.items() if "eps" in v}
@@ -57,10 +57,12 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
         ax.legend(fontsize=8)
         yield "epsilon_hist.png", png(fig)
         fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(eps_groups), 4))
-        labels, x = [], 0
+        labels, x, top = [], 0, 0.0
         for k, v in method_figs.items():
             c = v.get("f", {})
             ec = c.get("equal_count")
+            top = max([top] + [float(h) for h in (c.get("ci_high"), c.get("forgetting_quality"))
+                               + (tuple(ec["f_ci"]) + tuple(ec["f_null_ci"]) if ec else ()) if h is not None])
             if "forgetting_quality" in c:
                 ax.errorbar(x - 0.2, c["forgetting_quality"], yerr=_yerr(c["forgetting_quality"], c.get("ci_low"),
                             c.get("ci_high")), fmt="o", color="C0", capsize=4,
@@ -70,12 +72,12 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
                             label="F at n per side" if x == 0 else None)
                 ax.errorbar(x + 0.2, ec["f_null"], yerr=_yerr(ec["f_null"], *ec["f_null_ci"]), fmt="s", color="C2",
                             capsize=4, label="F_null at n per side" if x == 0 else None)
-                labels.append(f"{k}\nn = {ec['n_per_side']}")
+                labels.append(f"{k}\nn = {ec['n_per_side']}\nF / F_null {_fmt(ec.get('ratio'), 2)}")
             else:
                 labels.append(k)
             x += 1
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set(ylabel="forgetting quality F", ylim=(0, 1.05), xlim=(-0.6, len(labels) - 0.4),
+        ax.set(ylabel="forgetting quality F", ylim=(0, min(1.05, 1.25 * top + 0.02)), xlim=(-0.6, len(labels) - 0.4),
                title=f"F and F_null at equal model counts ({int(ci * 100)}% intervals)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

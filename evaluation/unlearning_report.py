@@ -120,8 +120,8 @@ def method_section(key: str, method: str, hparams: dict, u_ids: list[str], u_mar
                                   "fraction_at_cap": float((eps >= 50).mean()),
                                   "quantiles": {str(q): float(np.quantile(eps, q)) for q in (0.1, 0.5, 0.9)}}}
         # jackknife of F: groups of whole originals on the unlearned side, deleted with a group of retrained
-        gu, g = assign_groups(parents, JACKKNIFE_GROUPS, [seed, 0x6F])
-        gr, g = assign_groups(np.arange(n_r), g, [seed, 0x6E]) if g >= 2 else (np.zeros(n_r, np.int64), g)
+        gu, g = assign_groups(parents, min(JACKKNIFE_GROUPS, n_r), [seed, 0x6F])
+        gr, _ = assign_groups(np.arange(n_r), g, [seed, 0x6E])
         if g >= 2 and n_u - np.bincount(gu).max() >= 2 and n_r - np.bincount(gr).max() >= 2:
             status(f"{key}: F jackknife")
             _, reps = jackknife_stat(forgetting_quality, u0, r0, gu, gr, g)
@@ -179,9 +179,7 @@ def method_section(key: str, method: str, hparams: dict, u_ids: list[str], u_mar
 
 def _equal_count(comp, key, u0, r0, parents, group_r, f_null_cache, n_draws, seed, status, messages) -> None:
     """F and F_null at the same count n per side, their ratio (the headline) and its interval."""
-    gu, g = assign_groups(parents, DRAW_GROUPS, [seed, 0xEC])
-    if g < 2:
-        g = 1
+    gu, g = assign_groups(parents, min(DRAW_GROUPS, r0.shape[0]), [seed, 0xEC])
     gr = group_r(g) if g >= 2 else np.zeros(r0.shape[0], np.int64)
     n = equal_count_n(gr, g, u0.shape[0], gu)
     if n < 3 or n_draws < 2:

@@ -4,8 +4,9 @@
 Prints ratios measured in this run (the loops are timed on a subset and extrapolated linearly):
   1. competition eps: per_example_epsilons vs a per-example loop over the same threshold grid,
      512 + 512 models x 1,000 forget examples (--quick: 64 + 64 x 100);
-  2. leave-one-out LiRA (online and offline): lira_leave_one_out vs refitting the Gaussians per
-     target with nanmedian / nanstd, 256 shadows x 70,000 examples x 2 queries (--quick: 64 x 5,000 x 2).
+  2. leave-out LiRA (online and offline): lira_leave_one_out and lira_leave_pair_out (the report's, shadows
+     in complementary pairs) vs refitting the Gaussians per target with nanmedian / nanstd, 256 shadows x
+     70,000 examples x 2 queries (--quick: 64 x 5,000 x 2).
 Peak memory: the process's maximum resident set size (inputs included), from resource.getrusage.
 
     python scripts/bench_evaluation.py [--quick]
@@ -23,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from evaluation.competition import per_example_epsilons, single_thresholds  # noqa: E402
-from evaluation.lira import lira_leave_one_out  # noqa: E402
+from evaluation.lira import lira_leave_one_out, lira_leave_pair_out  # noqa: E402
 
 
 def eps_loop(unlearned, retrained, delta=1e-5):
@@ -58,9 +59,12 @@ def eps_loop(unlearned, retrained, delta=1e-5):
     return np.array(out)
 
 
-def refit_target(conf, mask, t, mode):
-    """The baseline: fit the IN / OUT Gaussians again from the other shadows for target t."""
+def refit_target(conf, mask, t, mode, partner=None):
+    """The baseline: fit the IN / OUT Gaussians again from the other shadows for target t (and without its
+    partner, for leave-pair-out)."""
     oth = np.arange(conf.shape[0]) != t
+    if partner is not None:
+        oth &= np.arange(conf.shape[0]) != partner[t]
     ref = conf[oth].astype(np.float64)
     m = mask[oth][..., None]
     x = conf[t].astype(np.float64)
@@ -99,23 +103,27 @@ def main():
     print(f"  speed-up: {t_loop / t_vec:.0f}x")
 
     m, e, q, n_targets = (64, 5000, 2, 2) if args.quick else (256, 70000, 2, 2)
-    print(f"[leave-one-out LiRA] {m} shadows x {e} examples x {q} queries (float32 input)")
+    print(f"[leave-out LiRA] {m} shadows in complementary pairs x {e} examples x {q} queries (float32 input)")
     mask = np.zeros((m, e), bool)
-    mask[np.argsort(rng.random((m, e)), axis=0)[: m // 2], np.arange(e)] = True
+    mask[0::2] = rng.random((m // 2, e)) < 0.5
+    mask[1::2] = ~mask[0::2]
+    partner = np.arange(m) ^ 1
     conf = rng.standard_normal((m, e, q), dtype=np.float32)
     conf += 0.5 * mask[..., None]
     vec = {}
-    for mode in ("online", "offline"):
-        t0 = time.perf_counter()
-        vec[mode] = (lira_leave_one_out(conf, mask, mode=mode), time.perf_counter() - t0)
+    for kind, fn in (("leave-one-out", lambda mode: lira_leave_one_out(conf, mask, mode=mode)),
+                     ("leave-pair-out", lambda mode: lira_leave_pair_out(conf, mask, partner, mode=mode))):
+        for mode in ("online", "offline"):
+            t0 = time.perf_counter()
+            vec[kind, mode] = (fn(mode), time.perf_counter() - t0)
     peak_vec = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for mode in ("online", "offline"):
-        s, t_vec = vec[mode]
+    for (kind, mode), (s, t_vec) in vec.items():
         t0 = time.perf_counter()
-        diffs = [np.max(np.abs(refit_target(conf, mask, t, mode) - s[t])) for t in range(n_targets)]
+        p = partner if kind == "leave-pair-out" else None
+        diffs = [np.max(np.abs(refit_target(conf, mask, t, mode, p) - s[t])) for t in range(n_targets)]
         t_loop = (time.perf_counter() - t0) / n_targets * m
-        print(f"  {mode}: vectorized all {m} targets {t_vec:.2f} s; per-target refit measured on {n_targets} "
-              f"targets, extrapolated to {m}: {t_loop:.1f} s; speed-up {t_loop / t_vec:.0f}x; "
+        print(f"  {kind} {mode}: vectorized all {m} targets {t_vec:.2f} s; per-target refit measured on "
+              f"{n_targets} targets, extrapolated to {m}: {t_loop:.1f} s; speed-up {t_loop / t_vec:.0f}x; "
               f"max |diff| {max(diffs):.2g}")
     print(f"peak resident memory of the process after the vectorized runs (inputs, both score arrays and the "
           f"competition part included): {peak_vec:.0f} MB")

@@ -39,12 +39,16 @@ def demo_store(ray_address, tmp_path_factory):
 def test_demo_end_to_end(demo_store):
     store, stdout = demo_store
     assert f"the run is in {store}" in stdout
-    assert "total            26       26        0        0" in stdout
+    assert "total           160      160        0        0" in stdout
     s = ufarm("status", store)
-    assert s.returncode == 0 and "total            26       26        0        0" in s.stdout
+    assert s.returncode == 0 and "total           160      160        0        0" in s.stdout
     markers = RunStore(str(store)).markers()
     originals = [m for m in markers.values() if m["role"] == "original"]
     assert all(m["accuracy"]["test"] > 0.8 for m in originals)  # the demo trains real models
+    # the demo ends with the evaluation's headline, each figure with its interval
+    assert "evaluation (ufarm evaluate):" in stdout and "LiRA online: AUC " in stdout
+    assert "32 models from 32 originals): F/F_null at " in stdout
+    assert (store / "report" / "report.md").exists()
 
 
 def test_run_resume_and_determinism(ray_address, tiny_spec_file, tmp_path):
@@ -73,13 +77,13 @@ def test_demo_on_s3_gives_the_same_models(demo_store, ray_address, bucket):
     uri = f"s3://{bucket}/runs/demo"
     r = ufarm("demo", "--store", uri, "--no-progress", env={"RAY_ADDRESS": ray_address})
     assert r.returncode == 0, r.stderr
-    assert "total            26       26        0        0" in r.stdout
+    assert "total           160      160        0        0" in r.stdout
     local = _conf_bytes(str(demo_store[0]))
-    assert _conf_bytes(uri) == local and len(local) == 26
+    assert _conf_bytes(uri) == local and len(local) == 160
     s3 = boto3.client("s3")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
-    assert sum(k.startswith("runs/demo/logits/") for k in keys) == 26
-    assert sum(k.startswith("runs/demo/models/") for k in keys) == 26
+    assert sum(k.startswith("runs/demo/logits/") for k in keys) == 160
+    assert sum(k.startswith("runs/demo/models/") for k in keys) == 160
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"].split("://")[1], scheme="http",
@@ -91,7 +95,7 @@ def test_demo_on_s3_gives_the_same_models(demo_store, ray_address, bucket):
             with fs.open_input_stream(f"{bucket}/{key}") as fh:
                 json.loads(fh.read())
     status = ufarm("status", uri)
-    assert "total            26       26        0        0" in status.stdout
+    assert "total           160      160        0        0" in status.stdout
 
 
 def _snapshot(store):
