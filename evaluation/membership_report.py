@@ -150,9 +150,9 @@ def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, 
         fig = roc_jackknife(rs.ravel(), member.ravel(), [(c.ravel(), k) for c, k in cells], FPRS, ROC_GRID)
         curves["RMIA"] = _curve(fig, dof)
         sec["rmia"] = {**_precision_fields(fig, dof, m), "a": rmia_a, "gamma": rmia_gamma,
-                       "population": (f"per target, the {int(n_train - member.sum(1).max())}+ train examples it "
-                                      f"was not trained on" + (f" and {pop.shape[1]} test examples"
-                                                               if pop is not None else ""))}
+                       "population": (f"per target, the train examples it was not trained on (at least "
+                                      f"{int(n_train - member.sum(1).max())})" + (f" and {pop.shape[1]} test examples"
+                                                                                  if pop is not None else ""))}
     status("per-example vulnerability")
     vul = pair_vulnerability(online, member, partner)
     fin = vul[np.isfinite(vul)]

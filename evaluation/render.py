@@ -183,6 +183,11 @@ def markdown(rep: dict) -> str:
     return "\n".join(L)
 
 
+def _prob(p) -> str:
+    """A small probability without rounding it to 0."""
+    return "n/a" if p is None else (f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}")
+
+
 def _ci(x, lo, hi, nd=3) -> str:
     return f"{_fmt(x, nd)} [{_fmt(lo, nd)}, {_fmt(hi, nd)}]"
 
@@ -222,7 +227,7 @@ def _membership_md(rep: dict) -> list[str]:
         L += ["", f"Per-example vulnerability ({v['score']}; {v['definition']}, over {v['n_pairs']} pairs): mean "
                   f"{_fmt(v['mean'])} (SE {_fmt(v['mean_se'], 4)}; chance {_fmt(v['chance_mean'])}), forget "
                   f"{_fmt(v['mean_forget'])}, retain {_fmt(v['mean_retain'])}; share of examples >= 0.9: "
-                  f"{_fmt(v['fraction_ge_0.9'], 4)} (chance {_fmt(v['chance_fraction_ge_0.9'], 4)}). "
+                  f"{_fmt(v['fraction_ge_0.9'], 4)} (chance {_prob(v['chance_fraction_ge_0.9'])}). "
                   "Every value: per_example_lira.parquet."]
     g = lira.get("gaussian_check")
     if g:
@@ -329,7 +334,7 @@ def summary_lines(rep: dict) -> list[str]:
     vul = lira.get("vulnerability")
     if vul:
         lines.append(f"per-example vulnerability: mean {_fmt(vul['mean'])} (chance 0.5), share >= 0.9 "
-                     f"{_fmt(vul['fraction_ge_0.9'], 4)} (chance {_fmt(vul['chance_fraction_ge_0.9'], 4)})")
+                     f"{_fmt(vul['fraction_ge_0.9'], 4)} (chance {_prob(vul['chance_fraction_ge_0.9'])})")
     for key, m in rep["methods"].items():
         c = m.get("competition", {})
         if "forgetting_quality" in c:

@@ -190,8 +190,8 @@ def _lira_section(store, shadow_ids, train_idx, test_idx, forget_mask_train, exa
         messages.append(body["message"])
     if "message" in body.get("rmia", {}):
         messages.append(body["rmia"]["message"])
-    if "partner" in sec.get("references", "") and "random" in sec["references"]:
-        messages.append(sec["references"])
+    if not sec.get("references", "leave-pair-out").startswith("leave-pair-out"):
+        messages.append(f"LiRA: {sec['references']}")
     return sec, curves, (_parquet_bytes(per_example) if per_example is not None else None)
 
 

@@ -157,3 +157,21 @@ def test_equal_count_draws_are_disjoint_and_leave_out_one_group():
         assert not (gr[ia] == s % g).any() and not (gr[ib] == s % g).any()
     with pytest.raises(ValueError, match="needs 16 retrained models outside each jackknife group"):
         equal_count_f(record, r, gr, g, 8, 4, 0)
+
+
+def test_shadows_without_pairs_are_matched_at_random_and_said(tmp_path):
+    """A broken pair (one shadow's marker gone): per-example random matching, named in the report, still
+    reading chance where nothing leaks."""
+    import os
+
+    uri = str(tmp_path / "run")
+    build_store(uri, n_shadow=10, n_retrain=4, n_unlearned=4, n_originals=4, seed=2)
+    os.remove(os.path.join(uri, "models", "shadow-00009.json"))
+    rep = evaluate_store(uri, n_boot=4, max_examples=20, progress=False)
+    lira = rep["lira"]
+    assert lira["n_usable_shadows"] == 9 and lira["references"].startswith("the shadows are not all in")
+    assert any(x.startswith("LiRA: the shadows are not all in complementary pairs") for x in rep["messages"])
+    v = lira["modes"]["online"]
+    assert _within(v["auc"], 0.5, v["auc_se"]) and v["n_cells"] == 9 * 600 - 600  # 4 matched pairs per example
+    assert "complementary pairs" in lira["rmia"]["message"]
+    assert _within(lira["vulnerability"]["mean"], 0.5, lira["vulnerability"]["mean_se"])
