@@ -166,7 +166,9 @@ class Engine:
         return self.store.write_model(job.model_id, table, marker, weights)
 
     def _unlearn(self, model: torch.nn.Module, job: Job) -> torch.nn.Module:
-        state = torch.load(io.BytesIO(self.store.read_weights(job.parent)), map_location=self.device)
+        # weights_only: a weights file planted in a store must not run code when it is loaded
+        state = torch.load(io.BytesIO(self.store.read_weights(job.parent)), map_location=self.device,
+                           weights_only=True)
         model.load_state_dict(state)
         method = get_method(job.method)
         hparams = method.resolve(job.hparams)

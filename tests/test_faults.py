@@ -115,3 +115,40 @@ def test_s3_throttling_is_retried_and_nothing_is_lost(bucket, throttling_proxy, 
     throttling_proxy.remaining = 3
     assert main(["run", str(path), "--store", uri, "--local", "--no-progress"]) == 0
     assert {m: mk["sha256"] for m, mk in store.markers().items()} == before
+
+
+class _Planted:
+    """A pickle that runs code when unpickled without weights_only (what a poisoned weights file holds)."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (self.flag, "w"))
+
+
+def test_planted_weights_never_run_code(tmp_path, monkeypatch):
+    import io
+    import os
+
+    import torch
+
+    from farm.runner import prepare_run, run_local
+    from farm.spec import spec_from_dict
+
+    raw = copy.deepcopy(TINY_SPEC)
+    raw["counts"] = {"original": 1}
+    raw["unlearn"][0]["count"] = 1
+    uri = str(tmp_path / "run")
+    spec = spec_from_dict({**raw, "unlearn": []})
+    assert not run_local(prepare_run(spec, uri), progress=False).failed  # the original, with its weights
+    # torch's escape hatch that turns the unsafe default back on, as an old torch or a user's setting would:
+    # only an explicit weights_only=True at the call keeps the planted file from running
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    flag = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save({"state": _Planted(str(flag))}, buf)
+    RunStore(uri).write_bytes("weights/original-00000.pt", buf.getvalue())
+    result = run_local(prepare_run(spec_from_dict(raw), uri), progress=False)
+    assert not os.path.exists(flag)  # nothing ran
+    assert len(result.failed) == 1  # the unlearned model failed to load its parent instead
