@@ -11,7 +11,8 @@ A jackknife replicate deletes whole groups and never duplicates a model; its var
 (theta_g: the statistic without group g) is the standard delete-a-group estimator, and intervals are
 theta +- t_{G-1, (1+ci)/2} * SE, so they always contain their estimate.  Groups keep dependent models
 together: unlearned models are grouped by parent (the original they were made from), shadows by
-complementary pair, so the interval accounts for siblings.
+complementary pair, so the interval accounts for siblings.  The attacks' figures (``roc_jackknife``) add
+the jackknife variances over target groups and over example groups.
 
 Equal-count comparisons (``equal_count_f``): F between n unlearned and n retrained models, and F_null
 between two disjoint sets of n retrained models, each the mean over S random draws (an incomplete

@@ -175,3 +175,20 @@ def test_shadows_without_pairs_are_matched_at_random_and_said(tmp_path):
     assert _within(v["auc"], 0.5, v["auc_se"]) and v["n_cells"] == 9 * 600 - 600  # 4 matched pairs per example
     assert "complementary pairs" in lira["rmia"]["message"]
     assert _within(lira["vulnerability"]["mean"], 0.5, lira["vulnerability"]["mean_se"])
+
+
+def test_precision_helpers_against_direct_formulas():
+    labels = np.array(["a", "a", "b", "c", "c", "c", "d", "e"])
+    groups, g = assign_groups(labels, 3, 0)
+    assert g == 3 and all(len(set(groups[labels == x])) == 1 for x in set(labels))  # labels stay whole
+    assert sorted(np.bincount([groups[labels == x][0] for x in sorted(set(labels))])) == [1, 2, 2]
+    reps = np.array([0.30, 0.28, 0.35, 0.31])
+    want = np.sqrt(3 / 4 * sum((x - reps.mean()) ** 2 for x in reps))
+    assert jackknife_se(reps) == pytest.approx(want) and np.isnan(jackknife_se(reps[:1]))
+    lo, hi = t_interval(0.5, 0.1, 9, lo=0.0, hi=1.0)
+    assert (lo, hi) == pytest.approx((0.5 - 0.1 * stats.t.ppf(0.975, 9), 0.5 + 0.1 * stats.t.ppf(0.975, 9)))
+    assert t_interval(0.99, 0.1, 9, lo=0.0, hi=1.0)[1] == 1.0  # clipped, still containing the estimate
+    from evaluation.precision import models_needed
+
+    assert models_needed(64, 0.01, 0.01) == int(np.ceil(64 * 1.959963984540054 ** 2))
+    assert models_needed(64, float("nan"), 0.01) is None
