@@ -31,7 +31,7 @@ def _conf_bytes(uri):
 def demo_store(ray_address, tmp_path_factory):
     """The README's demo, run once: `ufarm demo --store DIR`."""
     store = tmp_path_factory.mktemp("demo") / "run"
-    r = ufarm("demo", "--store", store, "--no-progress", env={"RAY_ADDRESS": ray_address})
+    r = ufarm("demo", "--store", store, "--no-progress", env={"RAY_ADDRESS": ray_address}, timeout=1200)
     assert r.returncode == 0, r.stderr
     return store, r.stdout
 
@@ -75,7 +75,7 @@ def test_run_resume_and_determinism(ray_address, tiny_spec_file, tmp_path):
 
 def test_demo_on_s3_gives_the_same_models(demo_store, ray_address, bucket):
     uri = f"s3://{bucket}/runs/demo"
-    r = ufarm("demo", "--store", uri, "--no-progress", env={"RAY_ADDRESS": ray_address})
+    r = ufarm("demo", "--store", uri, "--no-progress", env={"RAY_ADDRESS": ray_address}, timeout=1200)
     assert r.returncode == 0, r.stderr
     assert "total           160      160        0        0" in r.stdout
     local = _conf_bytes(str(demo_store[0]))
