@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .datasets import DataError
 from .spec import SpecError, load_spec
@@ -15,6 +17,32 @@ from .store import RunStore, StoreError
 
 DEFAULT_DEMO_STORE = "runs/digits-demo"
 USER_ERRORS = (SpecError, DataError, StoreError)
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+INTERRUPTED = "ufarm: interrupted; models already committed stay, re-run the same command to resume"
+
+
+def redact(text: str) -> str:
+    """text with the values of the AWS credential variables (8 characters or more) replaced by ***, for
+    every line ufarm prints or logs: an error from a library must not carry a credential to a log."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:
+            text = text.replace(value, "***")
+    return text
+
+
+class _RedactFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def _terminated(signum, frame):
+    """SIGTERM ends a run like Ctrl-C: the executors stop their workers, committed models stay."""
+    raise KeyboardInterrupt
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -24,6 +52,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verify", action="store_true",
                    help="check every committed logits file's sha256 first and retrain models that fail it")
+    p.add_argument("--wait-for-resources", type=float, metavar="SECONDS", default=None,
+                   help="when no Ray node can hold one worker (resources.cpus/gpus), wait this long for an "
+                        "autoscaler to add one before failing (default: 900 on an autoscaling cluster, else 0)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,17 +112,25 @@ def cmd_run(spec_arg: str, args) -> int:
     workers = spec.resources.workers_per_model
     if workers > 1 and not args.local:
         from .distributed import run_distributed
+        from .runner import check_cluster_fits, ensure_ray
 
+        if prep.pending:  # a request no node can ever hold would wait forever
+            ensure_ray(args.address)
+            check_cluster_fits(spec, args.wait_for_resources)
         result = run_distributed(prep, workers, use_gpu=spec.resources.gpus > 0, progress=progress,
                                  address=args.address)
     elif args.local:
         result = run_local(prep, progress=progress)
     else:
-        result = run_ray(prep, address=args.address, max_workers=args.max_workers, progress=progress)
+        result = run_ray(prep, address=args.address, max_workers=args.max_workers, progress=progress,
+                         wait_for_resources=args.wait_for_resources)
     print(f"ufarm: trained {len(result.trained)} models in {result.seconds:.1f} s; "
           f"{len(result.failed)} failed; store: {prep.store.uri}", flush=True)
     for model_id, error in result.failed.items():
-        print(f"  failed {model_id}: {error}")
+        print(redact(f"  failed {model_id}: {error}"))
+    if 0 < spec.count("shadow") < 4:
+        print(f"ufarm: note: {spec.count('shadow')} shadows train, but ufarm evaluate's membership inference "
+              "needs at least 4 (add pairs to this run later)")
     return 1 if result.failed else 0
 
 
@@ -148,32 +187,50 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ufarm: %(message)s")
+    ufarm_log = logging.getLogger("ufarm")
+    if not any(isinstance(f, _RedactFilter) for f in ufarm_log.filters):
+        ufarm_log.addFilter(_RedactFilter())
+    old_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        old_sigterm = signal.signal(signal.SIGTERM, _terminated)
     try:
-        if args.command == "run":
-            return cmd_run(args.spec, args)
-        if args.command == "status":
-            print_status(args.store)
-            return 0
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        if args.command == "tune":
-            from .tune import cmd_tune
-
-            return cmd_tune(args)
-        if args.command == "presets":
-            from .spec import preset_names
-
-            print("\n".join(preset_names()))
-            return 0
+        return _dispatch(args)
     except USER_ERRORS as exc:
-        print(f"ufarm: error: {exc}", file=sys.stderr)
+        print(redact(f"ufarm: error: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ufarm: interrupted; models already committed stay, re-run the same command to resume",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
+        runner = sys.modules.get("farm.runner")  # not imported: no Ray was started
+        try:  # a local Ray that this command started stops with it, on every way out
+            if runner is not None:
+                runner.shutdown_ray()
+        except KeyboardInterrupt:
+            pass
+
+
+def _dispatch(args) -> int:
+    if args.command == "run":
+        return cmd_run(args.spec, args)
+    if args.command == "status":
+        print_status(args.store)
+        return 0
+    if args.command == "demo":
+        return cmd_demo(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
+    if args.command == "tune":
+        from .tune import cmd_tune
+
+        return cmd_tune(args)
+    if args.command == "presets":
+        from .spec import preset_names
+
+        print("\n".join(preset_names()))
+        return 0
     return 0
 
 

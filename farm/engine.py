@@ -10,6 +10,7 @@ import dataclasses
 import io
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from .batched import StackedModels, can_stack, predict_stacked, train_stacked
 from .methods import get_method
 from .models import build_model
 from .plan import Job
-from .spec import Spec
+from .spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
 from .store import RunStore, logits_table
+from .timelimit import TimeLimitExceeded, call_with_time_limit, grace_seconds
 from .training import (accuracy, configure_gpu_kernels, make_loader, predict_logits, set_determinism,
                        train_model)
 
@@ -38,6 +40,13 @@ class MethodOutputError(RuntimeError):
 
 class MethodError(RuntimeError):
     """An unlearning method raised; the message names the model and the method, the cause is chained."""
+
+
+class MethodTimeoutError(MethodError):
+    """An unlearning method ran past its spec'd time limit (unlearn[].time_limit) and was interrupted."""
+
+
+STUCK_EXIT_CODE = 1  # a method that cannot be interrupted past its time limit ends its process with this
 
 
 @dataclass
@@ -141,7 +150,8 @@ class Engine:
         """Check the outputs, then write weights (when kept), the logits file and the marker."""
         if not np.isfinite(logits).all():
             bad = int((~np.isfinite(logits)).any(axis=(1, 2)).sum())
-            raise MethodOutputError(f"model {job.model_id} produced NaN or infinite logits for {bad} examples")
+            by = f": method {job.method!r}" if job.method else ""
+            raise MethodOutputError(f"model {job.model_id}{by} produced NaN or infinite logits for {bad} examples")
         trained_on = np.zeros(len(self.ctx.labels), dtype=bool)
         trained_on[job.train_idx] = True
         forgotten = self.ctx.forget if job.role in ("retrain", "unlearned") else np.zeros_like(trained_on)
@@ -166,9 +176,10 @@ class Engine:
         return self.store.write_model(job.model_id, table, marker, weights)
 
     def _unlearn(self, model: torch.nn.Module, job: Job) -> torch.nn.Module:
+        # checked against the sha256 in the parent's marker (a StoreError naming the parent on a mismatch);
         # weights_only: a weights file planted in a store must not run code when it is loaded
-        state = torch.load(io.BytesIO(self.store.read_weights(job.parent)), map_location=self.device,
-                           weights_only=True)
+        weights = self.store.read_weights(job.parent, self.store.marker(job.parent))
+        state = torch.load(io.BytesIO(weights), map_location=self.device, weights_only=True)
         model.load_state_dict(state)
         method = get_method(job.method)
         hparams = method.resolve(job.hparams)
@@ -177,10 +188,21 @@ class Engine:
         forget = make_loader(self.images, self.labels, np.flatnonzero(self.masks["forget"]), bs, True, job.seed + 1)
         val = make_loader(self.images, self.labels, np.flatnonzero(self.masks["val"]), bs, False, job.seed + 2)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        limit = job.time_limit or DEFAULT_UNLEARN_TIME_LIMIT
         try:
-            out = method.fn(model, retain, forget, val, **hparams)
+            out = call_with_time_limit(lambda: method.fn(model, retain, forget, val, **hparams), limit,
+                                       on_stuck=lambda: self._stuck(job, limit))
+        except TimeLimitExceeded as exc:
+            raise MethodTimeoutError(f"model {job.model_id}: method {job.method!r} {exc} "
+                                     "(unlearn time_limit)") from None
+        except KeyboardInterrupt:
+            raise
         except Exception as exc:
             raise MethodError(f"model {job.model_id}: method {job.method!r} raised {type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:  # sys.exit() and the like: a failed model, not the end of the run
+            raise MethodError(f"model {job.model_id}: method {job.method!r} tried to end the process "
+                              f"({type(exc).__name__}{f': {exc}' if str(exc) else ''}); a method must return "
+                              "the model") from exc
         if not isinstance(out, torch.nn.Module):
             raise MethodOutputError(f"model {job.model_id}: method {job.method!r} returned {type(out).__name__}, "
                                     "not a torch.nn.Module")
@@ -189,6 +211,22 @@ class Engine:
             raise MethodOutputError(f"model {job.model_id}: method {job.method!r} returned a model of another "
                                     "shape than the original")
         return out.to(self.device).eval()
+
+    def _stuck(self, job: Job, limit: float) -> None:
+        """Called from the time limit's watchdog when a method cannot be interrupted: record the failure and
+        end this process (under Ray the worker is replaced, see docs/methods.md)."""
+        from datetime import datetime, timezone
+
+        message = (f"model {job.model_id}: method {job.method!r} still ran {grace_seconds(limit):g} s after its "
+                   f"time limit of {limit:g} s and could not be interrupted; its process was ended")
+        try:
+            self.store.write_failure(job.model_id, {
+                "role": job.role, "error": message, "traceback": "", "attempts": 0, "worker_deaths": 0,
+                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        finally:
+            sys.stderr.write(f"ufarm: error: {message}\n")
+            sys.stderr.flush()
+            os._exit(STUCK_EXIT_CODE)
 
     def _timing(self, seconds: float) -> dict:
         """An unlearned model's time next to the mean train_seconds of the run's committed retrain models

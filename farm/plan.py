@@ -12,6 +12,10 @@ import numpy as np
 
 from .spec import Spec, SpecError
 
+# Shadow memberships (shadows x train examples) a plan may hold: each costs a mask byte and half an int64
+# index, so this caps a plan's shadow sets at about 2 GB of memory
+MAX_SHADOW_CELLS = 400_000_000
+
 
 @dataclass(frozen=True)
 class Job:
@@ -23,6 +27,7 @@ class Job:
     parent: str | None = None  # unlearned: the original it starts from
     method: str | None = None
     hparams: dict = field(default_factory=dict)
+    time_limit: float | None = None  # unlearned: wall-clock seconds the method call may run (spec.unlearn)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,11 @@ def make_plan(spec: Spec, split: np.ndarray, labels: np.ndarray, groups: np.ndar
     retain_ids = np.flatnonzero((split == "train") & ~forget).astype(np.int64)
     if len(retain_ids) == 0:
         raise SpecError("the forget set covers the whole train split: nothing is left to retain")
+    n_shadow = spec.count("shadow")
+    if n_shadow * len(train_ids) > MAX_SHADOW_CELLS:
+        most = max(2, MAX_SHADOW_CELLS // max(1, len(train_ids)) // 2 * 2)
+        raise SpecError(f"counts.shadow {n_shadow:,} is too many for {len(train_ids):,} train examples: a plan holds "
+                        f"at most {MAX_SHADOW_CELLS:,} shadow memberships, so at most {most:,} shadows here")
     jobs: list[Job] = []
 
     def add(role: str, index: int, train_idx: np.ndarray, **kw) -> None:
@@ -107,11 +117,12 @@ def make_plan(spec: Spec, split: np.ndarray, labels: np.ndarray, groups: np.ndar
         add("original", i, train_ids)
     for i in range(spec.count("retrain")):
         add("retrain", i, retain_ids)
-    masks = shadow_membership(train_ids, spec.count("shadow"), spec.seed)
+    masks = shadow_membership(train_ids, n_shadow, spec.seed)
     for i, mask in enumerate(masks):
         add("shadow", i, train_ids[mask])
     for u in spec.unlearn:
         for i in range(u.count):
             add("unlearned", i, train_ids, model_id=f"unlearned-{u.method_id}-{u.hparams_hash}-{i:05d}",
-                parent=originals[i % len(originals)], method=u.method, hparams=dict(u.hparams))
+                parent=originals[i % len(originals)], method=u.method, hparams=dict(u.hparams),
+                time_limit=float(u.time_limit))
     return Plan(spec=spec, forget=forget, jobs=tuple(jobs))

@@ -26,7 +26,7 @@ from .datasets import Dataset, load_dataset
 from .engine import RunContext
 from .methods import get_method
 from .plan import Job, Plan, make_plan
-from .spec import Spec
+from .spec import Spec, SpecError
 from .store import FORMAT_VERSION, RunStore, examples_table
 
 MAX_WORKER_DEATHS = 3
@@ -81,16 +81,19 @@ def prepare_run(spec: Spec, store_uri: str, verify: bool = False) -> PreparedRun
     """Everything that can fail on bad input happens here, before the first byte is written.
 
     Committed models count as done when their logits file has the recorded size, or with verify=True
-    the recorded sha256 (which reads every file); the others are trained again."""
+    the recorded sha256 of the logits and weights files (which reads every file); the others, and those
+    whose markers are damaged, are trained again. The store's lease is held while the manifest and
+    examples.parquet are written (a missing or damaged examples.parquet is rewritten from the spec); a
+    store leased by another live run is refused with a StoreError naming it."""
     for u in spec.unlearn:
         get_method(u.method).resolve(u.hparams)
     store = RunStore(store_uri)
     store.check_reachable()
     dataset = load_dataset(spec.dataset, spec.seed)
     plan = make_plan(spec, dataset.split, dataset.labels, dataset.groups)
-    store.init_run(build_manifest(spec, dataset), examples_table(dataset.split, dataset.labels, dataset.groups,
-                                                                 plan.forget))
-    store.remove_temporaries()
+    with store.lease():  # taking over a dead run's lease removes that run's temporaries
+        store.init_run(build_manifest(spec, dataset), examples_table(dataset.split, dataset.labels,
+                                                                     dataset.groups, plan.forget))
     planned = {j.model_id for j in plan.jobs}
     committed = store.verified_models() if verify else store.intact_models()
     done = {mid: m for mid, m in committed.items() if mid in planned}
@@ -194,31 +197,42 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
     """The plain in-process loop: no Ray; used on machines without Ray and as the benchmark baseline."""
     from .engine import Engine
 
-    started = time.perf_counter()
-    sched = _Scheduler(prep, progress)
-    # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
-    threads = threads or max(1, int(prep.spec.resources.cpus))
-    engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
-    batch_models = prep.spec.resources.batch_models
-    k = 1 if engine is None else engine.batch_capacity() if batch_models == "auto" else int(batch_models)
-    while sched.queue:
-        jobs = sched.take(k)
-        try:
-            engine.run_batch(jobs)
-        except Exception as exc:  # a job's failure must not stop the run
-            sched.batch_raised(jobs, exc, traceback.format_exc())
-        else:
-            for job in jobs:
-                sched.succeeded(job)
-    return sched.finish(started)
+    with prep.store.lease():  # one writer at a time; released (and own temporaries removed) on every exit
+        started = time.perf_counter()
+        sched = _Scheduler(prep, progress)
+        # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
+        threads = threads or max(1, int(prep.spec.resources.cpus))
+        engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
+        batch_models = prep.spec.resources.batch_models
+        k = 1 if engine is None else engine.batch_capacity() if batch_models == "auto" else int(batch_models)
+        while sched.queue:
+            jobs = sched.take(k)
+            try:
+                engine.run_batch(jobs)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM (farm.cli): the run stops, committed models stay
+                raise
+            except BaseException as exc:  # a job's failure (sys.exit() in a method included) must not stop the run
+                sched.batch_raised(jobs, exc, traceback.format_exc())
+            else:
+                for job in jobs:
+                    sched.succeeded(job)
+        return sched.finish(started)
 
 
 # ---------------------------------------------------------------------------------------------- Ray
 
+_INITIALISED_RAY = False  # ensure_ray called ray.init in this process (shutdown_ray undoes it)
+
+
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at address (or RAY_ADDRESS), or start a local one; reuse a live connection."""
+    """Connect to the cluster at address (or RAY_ADDRESS), or start a local one; reuse a live connection.
+
+    A local Ray started here inherits this process's environment, credentials included; workers of a
+    cluster find theirs the way AWS tools do (their environment, profile or instance role). Only the
+    non-secret settings of FORWARDED_ENV travel in Ray's runtime_env, which Ray writes into its logs."""
     import ray
 
+    global _INITIALISED_RAY
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -228,17 +242,119 @@ def ensure_ray(address: str | None = None) -> None:
     env = forwarded_env()
     if env:  # every worker of this job (actors, Ray Train workers, Tune trials) sees the driver's S3 settings
         kwargs.update(runtime_env={"env_vars": env})
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(**kwargs)
+    _INITIALISED_RAY = True
+    if callable(sigterm):  # Ray replaces it; the caller's own (farm.cli: SIGTERM ends a run like Ctrl-C) stays
+        signal.signal(signal.SIGTERM, sigterm)
 
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "UFARM_S3_CONNECT_TIMEOUT", "UFARM_S3_REQUEST_TIMEOUT", "UFARM_S3_ATTEMPTS")
+def shutdown_ray() -> None:
+    """Undo ensure_ray: stop the local Ray it started (or leave the cluster it joined). A Ray that the
+    caller initialised itself is left alone."""
+    global _INITIALISED_RAY
+    if not _INITIALISED_RAY:
+        return
+    _INITIALISED_RAY = False
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# The only environment variables the driver hands its Ray workers: where the store is and how to reach it.
+# Never credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN): Ray writes runtime_env
+# into its session logs, which every user of the machine can read.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                 "UFARM_S3_CONNECT_TIMEOUT", "UFARM_S3_REQUEST_TIMEOUT", "UFARM_S3_ATTEMPTS", "UFARM_S3_RETRIES")
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's S3 settings, so workers write to the same store the driver checked."""
+    """The driver's non-secret S3 settings, so workers write to the same store the driver checked."""
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+AUTOSCALER_WAIT_SECONDS = 900.0  # default wait for a node big enough when the cluster has an autoscaler
+
+
+def _cluster_autoscales() -> bool:
+    """Whether the connected Ray cluster has an autoscaler that may add nodes. A Ray that ensure_ray
+    started here never does; on a joined cluster, Ray's monitor names the node types of a cluster launched
+    with an autoscaling config (cluster.yaml: head, gpu_spot, ...) and only mirrors each node of a cluster
+    without one (type node_<id>). When the monitor's report cannot be read, assume it may autoscale."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if _INITIALISED_RAY and node is not None and getattr(node, "head", False):
+        return False
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get("__autoscaling_status")
+        for _ in range(20):  # a cluster that just started: its monitor reports within seconds
+            if raw:
+                break
+            time.sleep(0.5)
+            raw = _internal_kv_get("__autoscaling_status")
+        report = json.loads(raw)["autoscaler_report"] if raw else None
+        types = set((report or {}).get("node_type_mapping", {}).values())
+    except Exception:
+        return True
+    return not types or any(not str(t).startswith("node_") for t in types)
+
+
+def _unfit(spec: Spec) -> str | None:
+    """Why no live node of the connected cluster can hold one worker of the spec, or None if one can."""
+    import ray
+
+    res = spec.resources
+    nodes = [(float(n.get("Resources", {}).get("CPU", 0)), float(n.get("Resources", {}).get("GPU", 0)))
+             for n in ray.nodes() if n.get("Alive")]
+    cpu_ok = [c + 1e-9 >= res.cpus for c, _ in nodes]
+    gpu_ok = [g + 1e-9 >= res.gpus for _, g in nodes]
+    if any(a and b for a, b in zip(cpu_ok, gpu_ok)):
+        return None
+    cpus, gpus = max(nodes, default=(0.0, 0.0))
+    largest = f"the largest node has {cpus:g} CPUs and {gpus:g} GPUs"
+    if not any(cpu_ok):
+        return f"resources.cpus {res.cpus:g} is more than any node of the Ray cluster has ({largest})"
+    if not any(gpu_ok):
+        return f"resources.gpus {res.gpus:g} is more than any node of the Ray cluster has ({largest})"
+    return (f"resources.cpus {res.cpus:g} with resources.gpus {res.gpus:g} is more than any node of the Ray "
+            f"cluster has ({largest})")
+
+
+def check_cluster_fits(spec: Spec, wait_for_resources: float | None = None) -> None:
+    """Fail with a one-line SpecError if no node of the connected cluster can ever hold one worker.
+
+    wait_for_resources: seconds to wait for such a node to join (an autoscaling cluster); None: the
+    UFARM_WAIT_FOR_RESOURCES variable, else AUTOSCALER_WAIT_SECONDS when the cluster autoscales and 0
+    (fail at once) when it does not."""
+    why = _unfit(spec)
+    if why is None:
+        return
+    if wait_for_resources is None:
+        env = os.environ.get("UFARM_WAIT_FOR_RESOURCES")
+        try:
+            wait_for_resources = float(env) if env else None
+        except ValueError:
+            raise SpecError(f"UFARM_WAIT_FOR_RESOURCES must be a number of seconds, got {env!r}") from None
+        if wait_for_resources is None:
+            wait_for_resources = AUTOSCALER_WAIT_SECONDS if _cluster_autoscales() else 0.0
+    if wait_for_resources > 0:
+        log.warning("%s; waiting up to %g s for a bigger node to join", why, wait_for_resources)
+        deadline = time.monotonic() + wait_for_resources
+        while time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            why = _unfit(spec)
+            if why is None:
+                return
+        raise SpecError(f"{why}, also after waiting {wait_for_resources:g} s (--wait-for-resources)")
+    raise SpecError(f"{why}; no worker could ever start (--wait-for-resources SECONDS waits for an autoscaler)")
 
 
 class FarmWorker:
@@ -273,58 +389,64 @@ def worker_count(spec: Spec, n_jobs: int, max_workers: int | None) -> int:
 
 
 def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | None = None,
-            progress: bool = True) -> RunResult:
+            progress: bool = True, wait_for_resources: float | None = None) -> RunResult:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    started = time.perf_counter()
-    sched = _Scheduler(prep, progress)
-    if not prep.pending:
+    with prep.store.lease():  # one writer at a time; released (and own temporaries removed) on every exit
+        started = time.perf_counter()
+        sched = _Scheduler(prep, progress)
+        if not prep.pending:
+            return sched.finish(started)
+        ensure_ray(address)
+        try:  # a request no node can ever hold would wait forever
+            check_cluster_fits(prep.spec, wait_for_resources)
+        except SpecError:
+            sched.bar.close()
+            raise
+        res = prep.spec.resources
+        threads = max(1, int(res.cpus))
+        # also per actor, for a Ray that the caller initialised without them; an empty runtime_env lets Ray
+        # use its prestarted worker processes
+        env = forwarded_env()
+        Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0,
+                           **({"runtime_env": {"env_vars": env}} if env else {}))(FarmWorker)
+        ctx_ref = ray.put(prep.context())
+        n_workers = worker_count(prep.spec, len(prep.pending), max_workers)
+        idle = [Actor.remote(ctx_ref, threads) for _ in range(n_workers)]
+        k = int(ray.get(idle[0].batch_capacity.remote())) if res.batch_models == "auto" else int(res.batch_models)
+        inflight: dict = {}
+        try:
+            while sched.queue or inflight:
+                while idle and sched.queue:
+                    # share the ready jobs evenly over the workers, at most k per stacked batch
+                    jobs = sched.take(min(k, math.ceil(len(sched.queue) / n_workers)))
+                    actor = idle.pop()
+                    inflight[actor.run.remote(jobs)] = (actor, jobs)
+                if not inflight:
+                    break
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    actor, jobs = inflight.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as exc:  # the worker process or its node died: replace it
+                        ray.kill(actor, no_restart=True)
+                        idle.append(Actor.remote(ctx_ref, threads))
+                        for job in jobs:
+                            sched.worker_died(job, exc)
+                    except RayTaskError as exc:
+                        idle.append(actor)
+                        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                        sched.batch_raised(jobs, cause, _ANSI.sub("", str(exc)))
+                    else:
+                        idle.append(actor)
+                        for job in jobs:
+                            sched.succeeded(job)
+        finally:
+            for actor in idle + [a for a, _ in inflight.values()]:
+                ray.kill(actor, no_restart=True)
         return sched.finish(started)
-    ensure_ray(address)
-    res = prep.spec.resources
-    threads = max(1, int(res.cpus))
-    # also per actor, for a Ray that the caller initialised without them; an empty runtime_env lets Ray
-    # use its prestarted worker processes
-    env = forwarded_env()
-    Actor = ray.remote(num_cpus=res.cpus, num_gpus=res.gpus, max_restarts=0, max_task_retries=0,
-                       **({"runtime_env": {"env_vars": env}} if env else {}))(FarmWorker)
-    ctx_ref = ray.put(prep.context())
-    n_workers = worker_count(prep.spec, len(prep.pending), max_workers)
-    idle = [Actor.remote(ctx_ref, threads) for _ in range(n_workers)]
-    k = int(ray.get(idle[0].batch_capacity.remote())) if res.batch_models == "auto" else int(res.batch_models)
-    inflight: dict = {}
-    try:
-        while sched.queue or inflight:
-            while idle and sched.queue:
-                # share the ready jobs evenly over the workers, at most k per stacked batch
-                jobs = sched.take(min(k, math.ceil(len(sched.queue) / n_workers)))
-                actor = idle.pop()
-                inflight[actor.run.remote(jobs)] = (actor, jobs)
-            if not inflight:
-                break
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                actor, jobs = inflight.pop(ref)
-                try:
-                    ray.get(ref)
-                except RayActorError as exc:  # the worker process or its node died: replace it
-                    ray.kill(actor, no_restart=True)
-                    idle.append(Actor.remote(ctx_ref, threads))
-                    for job in jobs:
-                        sched.worker_died(job, exc)
-                except RayTaskError as exc:
-                    idle.append(actor)
-                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    sched.batch_raised(jobs, cause, _ANSI.sub("", str(exc)))
-                else:
-                    idle.append(actor)
-                    for job in jobs:
-                        sched.succeeded(job)
-    finally:
-        for actor in idle + [a for a, _ in inflight.values()]:
-            ray.kill(actor, no_restart=True)
-    return sched.finish(started)
 
 
 def run_spec(spec: Spec, store_uri: str, *, executor: str = "ray", address: str | None = None,

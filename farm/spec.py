@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,10 @@ GPU_KERNELS = ("deterministic", "autotuned")
 FORGET_KINDS = ("random", "classes", "groups")
 QUERIES = ("plain", "hflip", "shift")  # shift:DX,DY with integer pixel offsets
 ROLES = ("original", "retrain", "shadow", "unlearned")
+# The most models one role (or one unlearn entry) may plan: a plan is built in memory before anything runs,
+# so a count beyond any real run must be refused at once, not planned until memory runs out.
+MAX_MODELS_PER_ROLE = 1_000_000
+DEFAULT_UNLEARN_TIME_LIMIT = 3600.0  # seconds of wall-clock time one unlearning method call may take
 
 
 class SpecError(ValueError):
@@ -69,6 +74,8 @@ class UnlearnSpec:
     method: str
     count: int
     hparams: dict = field(default_factory=dict)
+    # wall-clock seconds one call of the method may run; past it the model fails (docs/methods.md)
+    time_limit: float = DEFAULT_UNLEARN_TIME_LIMIT
 
     @property
     def hparams_hash(self) -> str:
@@ -148,14 +155,12 @@ def load_spec(spec: str | Path | dict) -> Spec:
     """A spec from a dict, a YAML path, or the name of a preset shipped in farm/presets."""
     if isinstance(spec, dict):
         return spec_from_dict(spec)
-    import yaml  # here, not at the top: the engine runs from dict specs on machines without PyYAML
-
     text = str(spec)
     path = Path(text)
     if path.is_file():
-        raw = yaml.safe_load(path.read_text())
+        raw = _parse_yaml(lambda: path.read_text(), text)
     elif text in preset_names():
-        raw = yaml.safe_load(resources.files("farm.presets").joinpath(f"{text}.yaml").read_text())
+        raw = _parse_yaml(lambda: resources.files("farm.presets").joinpath(f"{text}.yaml").read_text(), text)
     elif text.endswith((".yaml", ".yml")) or "/" in text:
         raise SpecError(f"spec file {text!r} does not exist")
     else:
@@ -163,6 +168,34 @@ def load_spec(spec: str | Path | dict) -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"spec {text!r} must be a YAML mapping, got {type(raw).__name__}")
     return spec_from_dict(raw)
+
+
+def _parse_yaml(read, text: str):
+    """The YAML document read() returns; a file that cannot be read or parsed is a one-line SpecError."""
+    import yaml  # here, not at the top: the engine runs from dict specs on machines without PyYAML
+
+    try:
+        return yaml.safe_load(read())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        raise SpecError(f"spec {text!r} is not valid YAML: {problem}{where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec {text!r} cannot be read: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+def _reject_nonfinite(value, where: str) -> None:
+    """Every number anywhere in a spec (hparams and the tune section included) must be finite: YAML's .inf
+    and .nan would otherwise pass range checks (NaN compares false) and reach training."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{where or 'spec'} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _reject_nonfinite(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _reject_nonfinite(v, f"{where}[{i}]")
 
 
 def _build(cls, raw: Any, where: str):
@@ -217,6 +250,7 @@ def _tune_section(raw) -> dict:
 
 def spec_from_dict(raw: dict) -> Spec:
     raw = copy.deepcopy(raw)
+    _reject_nonfinite(raw, "")
     allowed = {f.name for f in dataclasses.fields(Spec)}
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -228,14 +262,17 @@ def spec_from_dict(raw: dict) -> Spec:
     for i, item in enumerate(unlearn_raw):
         if not isinstance(item, dict) or "method" not in item:
             raise SpecError(f"unlearn[{i}] must be a mapping with a method, got {item!r}")
-        extra = sorted(set(item) - {"method", "count", "hparams"})
+        extra = sorted(set(item) - {"method", "count", "hparams", "time_limit"})
         if extra:
-            raise SpecError(f"unlearn[{i}]: unknown field(s) {', '.join(extra)}; allowed: method, count, hparams")
+            raise SpecError(f"unlearn[{i}]: unknown field(s) {', '.join(extra)}; "
+                            "allowed: method, count, hparams, time_limit")
         hp = item.get("hparams") or {}
         if not isinstance(hp, dict):
             raise SpecError(f"unlearn[{i}].hparams must be a mapping, got {hp!r}")
         count = item.get("count", 1)
-        unlearn.append(UnlearnSpec(method=str(item["method"]), count=count, hparams=dict(hp)))
+        limit = item.get("time_limit")
+        limit = DEFAULT_UNLEARN_TIME_LIMIT if limit is None else _coerce(limit, 0.0, f"unlearn[{i}].time_limit")
+        unlearn.append(UnlearnSpec(method=str(item["method"]), count=count, hparams=dict(hp), time_limit=limit))
     counts = raw.get("counts") or {}
     if not isinstance(counts, dict):
         raise SpecError(f"counts must be a mapping of role to count, got {counts!r}")
@@ -271,6 +308,11 @@ def _positive_int(value, where):
 def validate(spec: Spec) -> None:
     """Checks that need no data. Checks against the data (a forget class that does not exist, a group id
     that no example has) happen in farm.plan once the dataset is loaded."""
+    for section in ("dataset", "forget", "model", "training", "outputs", "resources"):
+        for f in dataclasses.fields(getattr(spec, section)):
+            value = getattr(getattr(spec, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SpecError(f"{section}.{f.name} must be a finite number, got {value!r}")
     d = spec.dataset
     if d.name not in DATASETS:
         raise SpecError(f"dataset.name {d.name!r} is unknown; allowed: {', '.join(DATASETS)}")
@@ -313,13 +355,21 @@ def validate(spec: Spec) -> None:
                             "(unlearned models are counted per method under unlearn)")
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise SpecError(f"counts.{role} must be a positive integer (leave the role out to train none), got {n!r}")
+        if n > MAX_MODELS_PER_ROLE:
+            raise SpecError(f"counts.{role} must be at most {MAX_MODELS_PER_ROLE:,} models, got {n:,}")
     if spec.count("shadow") % 2:
         raise SpecError(f"counts.shadow must be even (shadows come in complementary pairs so every train "
-                        f"example is IN for exactly half of them), got {spec.count('shadow')}")
+                        f"example is IN for exactly half of them; ufarm evaluate's membership inference needs "
+                        f"at least 4), got {spec.count('shadow')}")
     seen = set()
     for i, u in enumerate(spec.unlearn):
         if isinstance(u.count, bool) or not isinstance(u.count, int) or u.count <= 0:
             raise SpecError(f"unlearn[{i}].count must be a positive integer, got {u.count!r}")
+        if u.count > MAX_MODELS_PER_ROLE:
+            raise SpecError(f"unlearn[{i}].count must be at most {MAX_MODELS_PER_ROLE:,} models, got {u.count:,}")
+        if isinstance(u.time_limit, bool) or not isinstance(u.time_limit, (int, float)) \
+                or not math.isfinite(u.time_limit) or not u.time_limit > 0:
+            raise SpecError(f"unlearn[{i}].time_limit must be a finite number of seconds > 0, got {u.time_limit!r}")
         key = (u.method, u.hparams_hash)
         if key in seen:
             raise SpecError(f"unlearn[{i}] repeats method {u.method!r} with the same hparams")
@@ -345,7 +395,7 @@ def validate(spec: Spec) -> None:
     _positive_int(r.workers_per_model, "resources.workers_per_model")
     if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")
-    if spec.time_cutoff is not None and not spec.time_cutoff > 0:
+    if spec.time_cutoff is not None and not (math.isfinite(spec.time_cutoff) and spec.time_cutoff > 0):
         raise SpecError(f"time_cutoff must be a positive fraction of the mean retrain time, got {spec.time_cutoff}")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or spec.seed < 0:
         raise SpecError(f"seed must be a non-negative integer, got {spec.seed!r}")

@@ -14,7 +14,7 @@ def summarize(store: RunStore) -> dict:
     if manifest is None:
         raise StoreError(f"{store.uri} is not a run store (no manifest.json)")
     spec = spec_from_dict(manifest["spec"])
-    ex = store.read_examples()
+    ex = store.read_examples(manifest)
     split = np.asarray(ex.column("split").to_numpy(zero_copy_only=False)).astype(str)
     labels = ex.column("label").to_numpy().astype(np.int64)
     groups_col = ex.column("group")

@@ -61,10 +61,25 @@ def bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def ray_address():
-    """One 2-CPU local Ray cluster for the whole session; CLI subprocesses join it through RAY_ADDRESS."""
+    """One 2-CPU local Ray cluster for the whole session; CLI subprocesses join it through RAY_ADDRESS.
+
+    Drivers forward no credentials to Ray workers (only the endpoint and other non-secret settings), so the
+    cluster's workers find the moto server's dummy credentials in their own environment, set here before
+    Ray starts, as the workers of a real cluster find theirs (instance role, profile, environment)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    dummy = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    saved = {k: os.environ.get(k) for k in dummy}
+    for k, v in dummy.items():
+        os.environ.setdefault(k, v)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -128,6 +128,7 @@ class _Planted:
 
 
 def test_planted_weights_never_run_code(tmp_path, monkeypatch):
+    import hashlib
     import io
     import os
 
@@ -148,7 +149,12 @@ def test_planted_weights_never_run_code(tmp_path, monkeypatch):
     flag = tmp_path / "ran"
     buf = io.BytesIO()
     torch.save({"state": _Planted(str(flag))}, buf)
-    RunStore(uri).write_bytes("weights/original-00000.pt", buf.getvalue())
+    store = RunStore(uri)
+    store.write_bytes("weights/original-00000.pt", buf.getvalue())
+    # an adversary who can write the store rewrites the marker's checksum too, so torch.load is reached
+    marker = store.read_json("models/original-00000.json")
+    marker.update(weights_sha256=hashlib.sha256(buf.getvalue()).hexdigest(), weights_bytes=len(buf.getvalue()))
+    store.write_json("models/original-00000.json", marker)
     result = run_local(prepare_run(spec_from_dict(raw), uri), progress=False)
     assert not os.path.exists(flag)  # nothing ran
     assert len(result.failed) == 1  # the unlearned model failed to load its parent instead

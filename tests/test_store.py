@@ -105,13 +105,15 @@ def test_read_conf_names_a_file_with_the_wrong_row_count(tmp_path):
 
 
 def test_temporaries_are_invisible_and_cleaned(tmp_path):
+    """Temporaries carry their writer's token; cleanup removes only its own (another run's stay)."""
     store = RunStore(str(tmp_path))
     _init(store)
     (tmp_path / "logits").mkdir(exist_ok=True)
-    (tmp_path / "logits" / ".tmp-abc-shadow-00000.parquet").write_bytes(b"partial")
+    (tmp_path / "logits" / f".tmp-{store.token}-abc-shadow-00000.parquet").write_bytes(b"partial")
+    (tmp_path / "logits" / ".tmp-0123456789abcdef-abc-shadow-00001.parquet").write_bytes(b"another run's")
     assert store.list_dir("logits") == []
     assert store.remove_temporaries() == 1
-    assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path / "logits"))
+    assert os.listdir(tmp_path / "logits") == [".tmp-0123456789abcdef-abc-shadow-00001.parquet"]
 
 
 def test_manifest_refuses_other_runs(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 
 from farm.store import RunStore, examples_table, logits_table
 
-HASH = "0000null"
+HASH = "0000beef"  # 8 hex, as every model id's hparams hash (farm.store.MODEL_ID)
 
 
 def build_store(uri: str, *, n_train: int = 600, n_test: int = 300, n_forget: int = 120, n_shadow: int = 16,
