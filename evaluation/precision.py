@@ -167,7 +167,8 @@ def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid:
     FPR < a, as roc_metrics) and the TPR on ``grid`` (the last ROC point with FPR <= x, for a band).
     SE^2 = the sum over groupings of their jackknife variances: targets and examples are crossed, and the
     scores of one target depend on the others as references, which a jackknife over targets alone misses
-    (it read half the true spread in no-signal worlds; the sum covered 0.99-1.0 at 8 to 32 shadows).
+    (scripts/check_statistics.py: its 95% intervals covered 0.80-0.83 of no-signal worlds at 8 to 32
+    shadows, the sum 0.99).
     Returns {"auc", "tpr_at_fpr": {a: tpr}, "grid_tpr", "dof"} and, with groupings, the "_se" of each.
     """
     s = np.asarray(scores, dtype=np.float64)
