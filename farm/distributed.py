@@ -81,35 +81,35 @@ def run_distributed(prep: PreparedRun, workers: int, *, use_gpu: bool, progress:
 
     from .runner import ensure_ray
 
-    started = time.perf_counter()
-    sched = _Scheduler(prep, progress)
-    if not prep.pending:
+    with prep.store.lease():  # one writer at a time, for every job of the run
+        started = time.perf_counter()
+        sched = _Scheduler(prep, progress)
+        if not prep.pending:
+            return sched.finish(started)
+        ensure_ray(address)
+        res = prep.spec.resources
+        ctx_ref = ray.put(prep.context())
+        left = [j for j in list(sched.queue) + sched.waiting if j.role not in PLAN_ROLES]
+        if left:  # unlearned models fit one worker by construction of the use case; they stay pending
+            log.warning("%d unlearned models are left for a run with resources.workers_per_model: 1", len(left))
+        sched.queue = type(sched.queue)(j for j in sched.queue if j.role in PLAN_ROLES)
+        sched.waiting = []
+        # Ray Train's own bookkeeping, not the run store; removed when the run ends, however it ends
+        with tempfile.TemporaryDirectory(prefix="ufarm-train-") as storage:
+            while sched.queue:
+                job: Job = sched.queue.popleft()
+                trainer = TorchTrainer(
+                    _train_loop,
+                    train_loop_config={"ctx": ctx_ref, "job": job, "threads": max(1, int(res.cpus))},
+                    scaling_config=ScalingConfig(
+                        num_workers=workers, use_gpu=use_gpu,
+                        resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}),
+                    run_config=RunConfig(name=job.model_id, storage_path=storage),
+                )
+                try:
+                    trainer.fit()
+                except Exception as exc:  # reported like any failing job; the others go on
+                    sched.raised(job, exc, traceback.format_exc())
+                else:
+                    sched.succeeded(job)
         return sched.finish(started)
-    ensure_ray(address)
-    res = prep.spec.resources
-    ctx_ref = ray.put(prep.context())
-    # Ray Train's own bookkeeping, not the run store; removed when the run ends
-    scratch = tempfile.TemporaryDirectory(prefix="ufarm-train-")
-    storage = scratch.name
-    left = [j for j in list(sched.queue) + sched.waiting if j.role not in PLAN_ROLES]
-    if left:  # unlearned models fit one worker by construction of the use case; they stay pending
-        log.warning("%d unlearned models are left for a run with resources.workers_per_model: 1", len(left))
-    sched.queue = type(sched.queue)(j for j in sched.queue if j.role in PLAN_ROLES)
-    sched.waiting = []
-    while sched.queue:
-        job: Job = sched.queue.popleft()
-        trainer = TorchTrainer(
-            _train_loop,
-            train_loop_config={"ctx": ctx_ref, "job": job, "threads": max(1, int(res.cpus))},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if use_gpu else {})}),
-            run_config=RunConfig(name=job.model_id, storage_path=storage),
-        )
-        try:
-            trainer.fit()
-        except Exception as exc:  # reported like any failing job; the others go on
-            sched.raised(job, exc, traceback.format_exc())
-        else:
-            sched.succeeded(job)
-    scratch.cleanup()
-    return sched.finish(started)

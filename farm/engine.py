@@ -47,6 +47,7 @@ class MethodTimeoutError(MethodError):
 
 
 STUCK_EXIT_CODE = 1  # a method that cannot be interrupted past its time limit ends its process with this
+STUCK_MARK = "could not be interrupted"  # in the failure record _stuck writes; the Ray driver looks for it
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Engine:
         from datetime import datetime, timezone
 
         message = (f"model {job.model_id}: method {job.method!r} still ran {grace_seconds(limit):g} s after its "
-                   f"time limit of {limit:g} s and could not be interrupted; its process was ended")
+                   f"time limit of {limit:g} s and {STUCK_MARK}; its process was ended")
         try:
             self.store.write_failure(job.model_id, {
                 "role": job.role, "error": message, "traceback": "", "attempts": 0, "worker_deaths": 0,

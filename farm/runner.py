@@ -23,11 +23,12 @@ from datetime import datetime, timezone
 
 
 from .datasets import Dataset, load_dataset
-from .engine import RunContext
+from .engine import STUCK_MARK, RunContext
 from .methods import get_method
 from .plan import Job, Plan, make_plan
 from .spec import Spec, SpecError
 from .store import FORMAT_VERSION, RunStore, examples_table
+from .timelimit import grace_seconds
 
 MAX_WORKER_DEATHS = 3
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its remote tracebacks
@@ -77,7 +78,7 @@ def build_manifest(spec: Spec, dataset: Dataset) -> dict:
     }))
 
 
-def prepare_run(spec: Spec, store_uri: str, verify: bool = False) -> PreparedRun:
+def prepare_run(spec: Spec, store_uri: "str | RunStore", verify: bool = False) -> PreparedRun:
     """Everything that can fail on bad input happens here, before the first byte is written.
 
     Committed models count as done when their logits file has the recorded size, or with verify=True
@@ -87,7 +88,8 @@ def prepare_run(spec: Spec, store_uri: str, verify: bool = False) -> PreparedRun
     store leased by another live run is refused with a StoreError naming it."""
     for u in spec.unlearn:
         get_method(u.method).resolve(u.hparams)
-    store = RunStore(store_uri)
+    # a RunStore passed in keeps its lease re-entrant (`ufarm tune` holds one for the whole search)
+    store = store_uri if isinstance(store_uri, RunStore) else RunStore(store_uri)
     store.check_reachable()
     dataset = load_dataset(spec.dataset, spec.seed)
     plan = make_plan(spec, dataset.split, dataset.labels, dataset.groups)
@@ -388,6 +390,45 @@ def worker_count(spec: Spec, n_jobs: int, max_workers: int | None) -> int:
     return max(1, min(n, n_jobs))
 
 
+DRIVER_GRACE_SECONDS = 120.0  # beyond a method's time limit and the worker's own grace, before the driver acts
+
+
+def _deadline(jobs: list[Job], dispatched: float) -> float | None:
+    """When the driver gives up on a batch holding an unlearned job (None: no time limit applies)."""
+    limits = [j.time_limit for j in jobs if j.role == "unlearned" and j.time_limit]
+    if not limits:
+        return None
+    limit = max(limits)
+    return dispatched + limit + grace_seconds(limit) + DRIVER_GRACE_SECONDS
+
+
+def _next_deadline(inflight: dict) -> float | None:
+    """ray.wait's timeout: seconds to the nearest deadline of the batches in flight (None: wait for one)."""
+    ends = [d for _, jobs, t in inflight.values() if (d := _deadline(jobs, t)) is not None]
+    return max(0.0, min(ends) - time.monotonic()) if ends else None
+
+
+def _overdue(inflight: dict) -> list:
+    now = time.monotonic()
+    return [ref for ref, (_, jobs, t) in inflight.items() if (d := _deadline(jobs, t)) is not None and d <= now]
+
+
+def _stuck_record(store: RunStore, job: Job, dispatched: float) -> str | None:
+    """The error a worker wrote before ending itself for this job past its time limit (engine.Engine._stuck),
+    when it wrote one during this dispatch; None otherwise (a worker lost for another reason)."""
+    if job.role != "unlearned":
+        return None
+    record = store.failures().get(job.model_id)
+    if not record or STUCK_MARK not in str(record.get("error", "")):
+        return None
+    try:
+        failed_at = datetime.fromisoformat(record["failed_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return None
+    # failed_at has whole seconds: allow one for rounding
+    return record["error"] if failed_at >= time.time() - (time.monotonic() - dispatched) - 1 else None
+
+
 def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | None = None,
             progress: bool = True, wait_for_resources: float | None = None) -> RunResult:
     import ray
@@ -422,19 +463,32 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
                     # share the ready jobs evenly over the workers, at most k per stacked batch
                     jobs = sched.take(min(k, math.ceil(len(sched.queue) / n_workers)))
                     actor = idle.pop()
-                    inflight[actor.run.remote(jobs)] = (actor, jobs)
+                    inflight[actor.run.remote(jobs)] = (actor, jobs, time.monotonic())
                 if not inflight:
                     break
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_next_deadline(inflight))
+                for ref in _overdue(inflight) if not ready else ():
+                    # the worker's own time limit could not end it (hung in native code, its watchdog
+                    # starved): the driver ends the worker and fails the job, without retries
+                    actor, jobs, _ = inflight.pop(ref)
+                    ray.kill(actor, no_restart=True)
+                    idle.append(Actor.remote(ctx_ref, threads))
+                    for job in jobs:
+                        sched.fail(job, f"method {job.method!r} ran past its time limit of {job.time_limit:g} s "
+                                        "and its worker did not end it; the driver ended the worker", "")
                 for ref in ready:
-                    actor, jobs = inflight.pop(ref)
+                    actor, jobs, dispatched = inflight.pop(ref)
                     try:
                         ray.get(ref)
                     except RayActorError as exc:  # the worker process or its node died: replace it
                         ray.kill(actor, no_restart=True)
                         idle.append(Actor.remote(ctx_ref, threads))
                         for job in jobs:
-                            sched.worker_died(job, exc)
+                            stuck = _stuck_record(prep.store, job, dispatched)
+                            if stuck:  # it ended itself past its time limit: a failed model, not a lost worker
+                                sched.fail(job, stuck, "")
+                            else:
+                                sched.worker_died(job, exc)
                     except RayTaskError as exc:
                         idle.append(actor)
                         cause = exc.cause if isinstance(exc.cause, BaseException) else exc
@@ -444,7 +498,7 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
                         for job in jobs:
                             sched.succeeded(job)
         finally:
-            for actor in idle + [a for a, _ in inflight.values()]:
+            for actor in idle + [a for a, _, _ in inflight.values()]:
                 ray.kill(actor, no_restart=True)
         return sched.finish(started)
 

@@ -12,6 +12,7 @@ Layout and guarantees are the contract in docs/store.md (format_version 1):
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -317,23 +318,20 @@ class StoreLease:
         raise self._refuse(holder, path)
 
     def _take_over_local(self, path: str, holder) -> bool:
-        """Move the stale lease aside; if what was moved is not the lease judged stale (another run took it
-        over meanwhile), put it back. True when the stale lease is gone."""
-        grave = f"{path}.stale-{self.store.token}"
+        """Remove the lease judged stale, if it is still that lease. Takers serialize on an exclusive flock
+        of the store's folder and re-read the lease under it, so of two runs that judged one dead lease
+        stale only the first removes it; the second finds the first's live lease and refuses. (A lease is
+        only ever removed by its holder or under this lock, so the re-read cannot go stale meanwhile.)"""
+        fd = os.open(self.store.root, os.O_RDONLY)
         try:
-            os.replace(path, grave)
-        except FileNotFoundError:
-            return False
-        moved, _ = self._read_local(grave)
-        if moved != holder:
-            try:
-                os.link(grave, path)
-            except FileExistsError:
-                pass
-            os.unlink(grave)
-            return False
-        os.unlink(grave)
-        return True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            current, present = self._read_local(path)
+            if not present or current != holder:
+                return False
+            os.unlink(path)
+            return True
+        finally:
+            os.close(fd)  # releases the flock
 
     def _release_local(self) -> None:
         path = os.path.join(self.store.root, LEASE)

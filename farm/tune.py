@@ -316,8 +316,8 @@ class SearchResult:
     files: dict = field(default_factory=dict)
 
 
-def prepare_setup(spec: Spec, ts: TuneSpec, store_uri: str, *, address: str | None = None, local: bool = False,
-                  progress: bool = True) -> tuple[TrialSetup, object]:
+def prepare_setup(spec: Spec, ts: TuneSpec, store, *, address: str | None = None, local: bool = False,
+                  progress: bool = True) -> TrialSetup:
     """Load the dataset, check the store holds this run (training missing originals / retrain models
     first, as `ufarm run` would), read the retrained reference and compute F_null."""
     from evaluation.competition import forgetting_quality_null
@@ -328,8 +328,6 @@ def prepare_setup(spec: Spec, ts: TuneSpec, store_uri: str, *, address: str | No
     from .runner import build_manifest, prepare_run, run_local, run_ray
     from .store import RunStore, StoreError, check_compatible
 
-    store = RunStore(store_uri)
-    store.check_reachable()
     dataset = load_dataset(spec.dataset, spec.seed)
     base = dataclasses.replace(spec, unlearn=(), counts={r: spec.count(r) for r in ("original", "retrain")})
     old = store.read_manifest()
@@ -341,7 +339,7 @@ def prepare_setup(spec: Spec, ts: TuneSpec, store_uri: str, *, address: str | No
     if missing:
         print(f"ufarm tune: the store lacks {len(missing)} originals / retrain models of the spec; training them "
               "first", flush=True)
-        prep = prepare_run(base, store_uri)
+        prep = prepare_run(base, store)  # the same RunStore: its lease, held by run_search, is re-entrant
         result = run_local(prep, progress=progress) if local else run_ray(prep, address=address, progress=progress)
         if result.failed:
             raise StoreError(f"could not train the reference models: {result.failed}")
@@ -369,7 +367,7 @@ def prepare_setup(spec: Spec, ts: TuneSpec, store_uri: str, *, address: str | No
         retrain_test_acc=float(np.mean([m["accuracy"]["test"] for m in rmarks])),
         retrain_seconds=float(np.mean([m["train_seconds"] for m in rmarks])), f_null=float(f_null),
         cwd=os.getcwd())
-    return setup, store
+    return setup
 
 
 def _storage(ts: TuneSpec, store) -> tuple[str, object, str]:
@@ -561,48 +559,53 @@ def run_search(spec: Spec, store_uri: str, *, address: str | None = None, restar
                progress: bool = True, local_reference: bool = False) -> SearchResult:
     """The whole `ufarm tune`: reference, Tune search (or resume), baseline, table, best spec and plot."""
     from .runner import ensure_ray
+    from .store import RunStore
 
     ts = parse_tune(spec)
-    ensure_ray(address)
-    setup, store = prepare_setup(spec, ts, store_uri, address=address, local=local_reference, progress=progress)
-    print(f"ufarm tune: search {ts.search_name!r}: {ts.method} ({ts.search}"
-          f"{', ' + str(ts.samples) + ' samples' if ts.search != 'grid' else ''}, scheduler {ts.scheduler}), "
-          f"{ts.models} models per trial, reference: {len(setup.retrain_ids)} retrain models, "
-          f"F_null {setup.f_null:.4f}", flush=True)
-    tuner, _ = build_tuner(setup, ts, store, restart=restart, progress=progress)
-    results = tuner.fit()
-    rows = rows_of(results, ts)
-    complete = all(r["status"] in ("DONE", "STOPPED", "ERROR") for r in rows)
-    folder_rel = f"tune/{ts.search_name}"
-    baseline = None
-    if complete and ts.baseline:
-        method = get_method(ts.method)
-        searched, _ = param_space(ts, method)
-        defaults = {k: method.space[k].default for k in searched if k in method.space}
-        hp = trial_hparams(method, defaults, setup.fixed, setup.seed)
-        m = score_hparams(setup, hp)
-        baseline = {"trial_id": "default", "status": "BASELINE", "hparams": json.dumps(hp, sort_keys=True),
-                    **{k: m.get(k) for k in ROW_METRICS}, "timestamp": int(time.time()), "error": ""}
-    table_rows = sort_rows(rows + ([baseline] if baseline else []))
-    done = [r for r in rows if r["status"] == "DONE"]
-    best = done[0] if done else None
-    print(format_table(table_rows))
-    files = write_outputs(store, folder_rel, table_rows, spec, ts, best if complete else None)
-    if not complete:
-        n = sum(r["status"] == "UNFINISHED" for r in rows)
-        print(f"ufarm tune: search interrupted with {n} unfinished trials; run the same command again to resume "
-              "(finished trials are kept, models already written are reused)", flush=True)
-    elif best is None:
-        print("ufarm tune: no trial finished all its models; see the errors above", flush=True)
-    elif baseline is not None:
-        b, d = best[METRIC], baseline[METRIC]
-        verdict = ("beats" if b > d else "does not beat") + " the default hyper-parameters"
-        print(f"ufarm tune: best trial {best['trial_id']} {best['hparams']}: final score {b:.4f}, which {verdict} "
-              f"{baseline['hparams']} ({d:.4f}) on the same store and {ts.models} models"
-              + ("" if b > d else "; the defaults (or an equal point) remain the best known setting"), flush=True)
-    for k, v in files.items():
-        print(f"ufarm tune: {k}: {v}")
-    return SearchResult(ts.search_name, table_rows, best, baseline, complete, f"{store.uri}/{folder_rel}", files)
+    store = RunStore(store_uri)
+    store.check_reachable()
+    # one writer at a time for the whole search: the reference models it may train and every trial's models
+    with store.lease():
+        ensure_ray(address)
+        setup = prepare_setup(spec, ts, store, address=address, local=local_reference, progress=progress)
+        print(f"ufarm tune: search {ts.search_name!r}: {ts.method} ({ts.search}"
+              f"{', ' + str(ts.samples) + ' samples' if ts.search != 'grid' else ''}, scheduler {ts.scheduler}), "
+              f"{ts.models} models per trial, reference: {len(setup.retrain_ids)} retrain models, "
+              f"F_null {setup.f_null:.4f}", flush=True)
+        tuner, _ = build_tuner(setup, ts, store, restart=restart, progress=progress)
+        results = tuner.fit()
+        rows = rows_of(results, ts)
+        complete = all(r["status"] in ("DONE", "STOPPED", "ERROR") for r in rows)
+        folder_rel = f"tune/{ts.search_name}"
+        baseline = None
+        if complete and ts.baseline:
+            method = get_method(ts.method)
+            searched, _ = param_space(ts, method)
+            defaults = {k: method.space[k].default for k in searched if k in method.space}
+            hp = trial_hparams(method, defaults, setup.fixed, setup.seed)
+            m = score_hparams(setup, hp)
+            baseline = {"trial_id": "default", "status": "BASELINE", "hparams": json.dumps(hp, sort_keys=True),
+                        **{k: m.get(k) for k in ROW_METRICS}, "timestamp": int(time.time()), "error": ""}
+        table_rows = sort_rows(rows + ([baseline] if baseline else []))
+        done = [r for r in rows if r["status"] == "DONE"]
+        best = done[0] if done else None
+        print(format_table(table_rows))
+        files = write_outputs(store, folder_rel, table_rows, spec, ts, best if complete else None)
+        if not complete:
+            n = sum(r["status"] == "UNFINISHED" for r in rows)
+            print(f"ufarm tune: search interrupted with {n} unfinished trials; run the same command again to resume "
+                  "(finished trials are kept, models already written are reused)", flush=True)
+        elif best is None:
+            print("ufarm tune: no trial finished all its models; see the errors above", flush=True)
+        elif baseline is not None:
+            b, d = best[METRIC], baseline[METRIC]
+            verdict = ("beats" if b > d else "does not beat") + " the default hyper-parameters"
+            print(f"ufarm tune: best trial {best['trial_id']} {best['hparams']}: final score {b:.4f}, which {verdict} "
+                  f"{baseline['hparams']} ({d:.4f}) on the same store and {ts.models} models"
+                  + ("" if b > d else "; the defaults (or an equal point) remain the best known setting"), flush=True)
+        for k, v in files.items():
+            print(f"ufarm tune: {k}: {v}")
+        return SearchResult(ts.search_name, table_rows, best, baseline, complete, f"{store.uri}/{folder_rel}", files)
 
 
 def cmd_tune(args) -> int:

@@ -274,6 +274,39 @@ def test_a_method_that_swallows_the_interrupt_ends_the_local_run(tmp_path):
     assert "still ran 2 s after its time limit of 1 s" in record["error"]
 
 
+def test_a_method_that_swallows_the_interrupt_is_a_failed_model_under_ray(ray_address, tmp_path):
+    """The worker ends itself and writes why; the driver fails the model at once instead of re-queuing it
+    as a lost worker (which would run the stuck method three more times)."""
+    from farm.runner import run_spec
+
+    uri = str(tmp_path / "run")
+    started = time.perf_counter()
+    res = run_spec(spec_from_dict(_unlearn_spec(tmp_path, SWALLOWS, time_limit=1)), uri, progress=False)
+    assert time.perf_counter() - started < 120
+    (mid,) = res.failed
+    assert "still ran 2 s after its time limit of 1 s and could not be interrupted" in res.failed[mid]
+    assert len(RunStore(uri).intact_models()) == 2
+
+
+# one C call that runs for hours without releasing the GIL or reaching the interpreter's eval loop: neither
+# the alarm nor the worker's watchdog thread can run, so only the driver can end it
+HOLDS_THE_GIL = "    sum(range(10 ** 15))\n    return net\n"
+
+
+def test_the_driver_ends_a_worker_its_time_limit_cannot_reach(ray_address, tmp_path, monkeypatch):
+    from farm import runner
+
+    monkeypatch.setattr(runner, "DRIVER_GRACE_SECONDS", 3.0)
+    uri = str(tmp_path / "run")
+    started = time.perf_counter()
+    res = runner.run_spec(spec_from_dict(_unlearn_spec(tmp_path, HOLDS_THE_GIL, time_limit=1)), uri, progress=False)
+    assert time.perf_counter() - started < 120
+    (mid,) = res.failed
+    assert "ran past its time limit of 1 s and its worker did not end it; the driver ended the worker" \
+        in RunStore(uri).failures()[mid]["error"]
+    assert len(RunStore(uri).intact_models()) == 2
+
+
 @pytest.mark.parametrize("value,needle", [
     (0, "unlearn[0].time_limit must be a finite number of seconds > 0"),
     (-5, "unlearn[0].time_limit must be a finite number of seconds > 0"),

@@ -418,6 +418,55 @@ def test_stale_local_lease_is_taken_over_and_a_live_one_refused(base_run, tmp_pa
         prepare_run(_spec(), uri)
 
 
+RACER = """
+import sys, time
+from farm.store import RunStore, StoreError
+s = RunStore(sys.argv[1])
+while time.time() < float(sys.argv[2]):
+    pass
+try:
+    with s.lease():
+        print("HELD", flush=True)
+        time.sleep(2)
+except StoreError:
+    print("REFUSED", flush=True)
+"""
+
+
+def test_racing_takers_of_a_dead_lease_end_with_one_holder(tmp_path):
+    """Four runs find the same dead lease at the same moment: exactly one takes it, the others refuse."""
+    uri = str(tmp_path / "run")
+    os.makedirs(uri)
+    for _ in range(3):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        with open(os.path.join(uri, ".lease"), "w") as fh:
+            json.dump({"host": socket.gethostname(), "pid": int(dead), "token": "0" * 16,
+                       "started_at": "2020-01-01T00:00:00+00:00"}, fh)
+        start = time.time() + 1.5  # every racer is up and spinning by then
+        procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(start)], cwd=REPO, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert outs == ["HELD", "REFUSED", "REFUSED", "REFUSED"], outs
+        assert not os.path.exists(os.path.join(uri, ".lease"))
+
+
+def test_every_executor_and_tune_hold_the_lease(base_run, tmp_path):
+    """The data-parallel executor and a whole tune search write the store too: a leased store refuses them."""
+    from farm.distributed import run_distributed
+    from farm.tune import run_search
+
+    uri = _copy(base_run, tmp_path)
+    prep = prepare_run(_spec(counts={"original": 2, "retrain": 2, "shadow": 2}), uri)
+    assert prep.pending
+    tune = {"method": "finetune", "search": "grid", "params": {"lr": [0.01]}, "models": 2}
+    with RunStore(uri).lease():
+        with pytest.raises(StoreError, match="is leased by another run"):
+            run_distributed(prep, 2, use_gpu=False, progress=False)
+        with pytest.raises(StoreError, match="is leased by another run"):
+            run_search(_spec(tune=tune), uri, progress=False)
+
+
 def test_s3_second_run_refuses(bucket, tiny_spec_file, capsys):
     import boto3
 
