@@ -11,24 +11,14 @@ import signal
 import sys
 import threading
 
-from .datasets import DataError
-from .spec import SpecError, load_spec
-from .store import RunStore, StoreError
+from farm.data import DataError
+from farm.settings import SettingsError, redact
+from farm.spec import SpecError, load_spec
+from farm.store import RunStore, StoreError
 
 DEFAULT_DEMO_STORE = "runs/digits-demo"
-USER_ERRORS = (SpecError, DataError, StoreError)
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+USER_ERRORS = (SpecError, DataError, StoreError, SettingsError)
 INTERRUPTED = "ufarm: interrupted; models already committed stay, re-run the same command to resume"
-
-
-def redact(text: str) -> str:
-    """text with the values of the AWS credential variables (8 characters or more) replaced by ***, for
-    every line ufarm prints or logs: an error from a library must not carry a credential to a log."""
-    for name in SECRET_ENV:
-        value = os.environ.get(name, "")
-        if len(value) >= 8:
-            text = text.replace(value, "***")
-    return text
 
 
 class _RedactFilter(logging.Filter):
@@ -102,7 +92,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(spec_arg: str, args) -> int:
-    from .runner import prepare_run, run_local, run_ray
+    from farm.run import prepare_run, run_local, run_ray
 
     spec = load_spec(spec_arg)
     prep = prepare_run(spec, args.store, verify=args.verify)
@@ -111,8 +101,8 @@ def cmd_run(spec_arg: str, args) -> int:
     progress = not args.no_progress
     workers = spec.resources.workers_per_model
     if workers > 1 and not args.local:
-        from .distributed import run_distributed
-        from .runner import check_cluster_fits, ensure_ray
+        from farm.run.data_parallel import run_distributed
+        from farm.run import check_cluster_fits, ensure_ray
 
         if prep.pending:  # a request no node can ever hold would wait forever
             ensure_ray(args.address)
@@ -135,7 +125,7 @@ def cmd_run(spec_arg: str, args) -> int:
 
 
 def print_status(uri: str) -> dict:
-    from .status import summarize
+    from farm.status import summarize
 
     s = summarize(RunStore(uri))
     m = s["manifest"]
@@ -161,7 +151,7 @@ def cmd_demo(args) -> int:
     rc = cmd_run("digits-demo", args)
     print()
     s = print_status(args.store)
-    from .store import RunStore as _Store
+    from farm.store import RunStore as _Store
 
     markers = _Store(args.store).markers()
     print("\nmean accuracy per role (plain query):")
@@ -204,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)
-        runner = sys.modules.get("farm.runner")  # not imported: no Ray was started
+        runner = sys.modules.get("farm.run")  # not imported: no Ray was started
         try:  # a local Ray that this command started stops with it, on every way out
             if runner is not None:
                 runner.shutdown_ray()
@@ -223,11 +213,11 @@ def _dispatch(args) -> int:
     if args.command == "evaluate":
         return cmd_evaluate(args)
     if args.command == "tune":
-        from .tune import cmd_tune
+        from farm.run.tune import cmd_tune
 
         return cmd_tune(args)
     if args.command == "presets":
-        from .spec import preset_names
+        from farm.spec import preset_names
 
         print("\n".join(preset_names()))
         return 0

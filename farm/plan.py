@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .spec import Spec, SpecError
+from farm.spec import Spec, SpecError
 
 # Shadow memberships (shadows x train examples) a plan may hold: each costs a mask byte and half an int64
 # index, so this caps a plan's shadow sets at about 2 GB of memory

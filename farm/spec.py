@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,6 +33,22 @@ DEFAULT_UNLEARN_TIME_LIMIT = 3600.0  # seconds of wall-clock time one unlearning
 
 class SpecError(ValueError):
     """A spec (or a value in it) that cannot be run; the message is one line and names the field."""
+
+
+def is_file_ref(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def method_label(name: str) -> str:
+    """A file-name-safe label for a method reference, used in model ids: a built-in's name; for
+    `pkg.mod:fn` -> `pkg.mod.fn`; for `path/to/file.py:fn` -> `file.fn`. Distinct files with the same stem
+    still give distinct model ids, because the hparams hash covers the full reference."""
+    if ":" not in name:  # a built-in's name
+        return re.sub(r"[^A-Za-z0-9_.]+", "_", name)
+    target, func = name.rsplit(":", 1)
+    if is_file_ref(target):
+        target = os.path.splitext(os.path.basename(target))[0]
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", f"{target}.{func}").strip("._") or "user"
 
 
 @dataclass(frozen=True)
@@ -84,9 +102,7 @@ class UnlearnSpec:
 
     @property
     def method_id(self) -> str:
-        """The method as it appears in model ids: file-name safe (farm.methods.method_label)."""
-        from .methods import method_label
-
+        """The method as it appears in model ids: file-name safe (method_label)."""
         return method_label(self.method)
 
 
@@ -123,7 +139,7 @@ class Spec:
     max_retries: int = 2
     # unlearned models slower than this fraction of the mean retrain time are marked over_time_cutoff
     time_cutoff: float | None = None
-    tune: dict = field(default_factory=dict)  # the `ufarm tune` section, checked by farm.tune
+    tune: dict = field(default_factory=dict)  # the `ufarm tune` section, checked by farm.run.tune
 
     def count(self, role: str) -> int:
         return int(self.counts.get(role, 0))

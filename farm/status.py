@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plan import make_plan
-from .spec import spec_from_dict
-from .store import RunStore, StoreError
+from farm.plan import make_plan
+from farm.spec import spec_from_dict
+from farm.store import RunStore, StoreError
 
 
 def summarize(store: RunStore) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Farm benchmarks, each a ratio measured in one run on one machine:
 
-1. batched: K models of the same preset trained together with stacked weights (farm.batched) versus the
+1. batched: K models of the same preset trained together with stacked weights (farm.train.stacked) versus the
    same jobs one at a time in the same engine, including writing their logits (digits on CPU; with
    --dataset fashion-mnist the issue's GPU setting: shadows, 5 epochs on half the train split);
 2. runner: the digits-demo preset's models trained through the Ray runner versus the same jobs in a plain
@@ -64,7 +64,7 @@ def bench_runner(spec_name: str, quick: bool, epochs: int | None = None, cold_wo
     printed, not counted. epochs: train the preset's models for this many epochs instead (longer models).
     cold_workers: no preloading, so each actor imports torch on start and torch._dynamo on its first job,
     as in a plain `ufarm run` (the loop's process stays warm)."""
-    from farm.runner import ensure_ray, prepare_run, run_local, run_ray
+    from farm.run import ensure_ray, prepare_run, run_local, run_ray
     from farm.spec import load_spec, spec_from_dict
 
     spec = load_spec(spec_name)
@@ -131,7 +131,7 @@ def warm_up_stacked(engine, k: int, n_train: int) -> float:
 
     import torch
 
-    from farm.batched import PREDICT_PAIRS, StackedModels, predict_stacked_chunks, train_stacked
+    from farm.train.stacked import PREDICT_PAIRS, StackedModels, predict_stacked_chunks, train_stacked
 
     t0 = time.perf_counter()
     cfg = dataclasses.replace(engine.spec.training, epochs=1)
@@ -150,8 +150,8 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
     subset measures it; all n_models by default)."""
     import torch
 
-    from farm.engine import Engine
-    from farm.runner import prepare_run
+    from farm.train.engine import Engine
+    from farm.run import prepare_run
     from farm.spec import load_spec, spec_from_dict
 
     d = load_spec(preset).to_dict()
@@ -175,7 +175,7 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
             engine.run(prep.pending[0])  # warm-up (kernels, allocator), committed but not timed
             jobs = prep.pending[1:n_models + 1]
             if label != "one at a time":
-                from farm.batched import default_layout
+                from farm.train.stacked import default_layout
 
                 print(f"  (stacked layout: {default_layout(engine.device.type)}, "
                       f"kernels {spec.resources.gpu_kernels})")
@@ -339,16 +339,16 @@ def main() -> None:
                     "preloaded torch (each actor imports it on start, and torch._dynamo on its first job)")
     ap.add_argument("--gpu-kernels", choices=("deterministic", "autotuned"), help="resources.gpu_kernels")
     ap.add_argument("--layout", choices=("bmm", "grouped", "triton", "vmap"),
-                    help="stacked SmallCNN layout (farm.stacked_cnn; default: farm.batched's choice per device)")
+                    help="stacked SmallCNN layout (farm.train.stacked_cnn; default: farm.train.stacked's choice per device)")
     args = ap.parse_args()
     import torch
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     if args.layout:
-        import farm.batched
+        import farm.train.stacked
 
-        farm.batched.LAYOUT = args.layout
+        farm.train.stacked.LAYOUT = args.layout
     if args.only in (None, "batched"):
         gpu = torch.cuda.is_available()
         n = args.models or (8 if args.quick else 256 if gpu else 16)
@@ -358,7 +358,7 @@ def main() -> None:
               f"(+1 warm-up each)")
         bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data, base, args.gpu_kernels)
         if args.layout == "triton":
-            from farm.stacked_triton import chosen_tiles
+            from farm.train.stacked_triton import chosen_tiles
 
             for kernel, tile in chosen_tiles().items():
                 print(f"  autotuned tile {kernel}: {tile}")

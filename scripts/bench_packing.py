@@ -3,12 +3,12 @@
 gives under Ray) versus one, and the GPU-hours of the cifar10-resnet18 preset's evaluation set derived from
 the measurement.
 
-Every process runs the engine's own code (farm.training.train_model, predict_logits and the finetune
+Every process runs the engine's own code (farm.train.loops.train_model, predict_logits and the finetune
 method through the competition's DataLoader signature) on synthetic 32x32 CIFAR-shaped data: the time of
 a training step does not depend on the pixel values, and nothing is downloaded. Phases start together
 (a barrier); a phase's aggregate rate is P x images / (last finish - first start).
 
-ResNet-18 keeps BatchNorm running statistics, so it cannot be stacked like the small CNN (farm.batched);
+ResNet-18 keeps BatchNorm running statistics, so it cannot be stacked like the small CNN (farm.train.stacked);
 packing processes is the alternative this measures. With --arch small-cnn the same is measured for the
 fashion-mnist preset's CNN (28x28x1, batch 256), to set against stacking (scripts/bench_farm.py).
 
@@ -33,14 +33,14 @@ SHAPES = {"resnet18": dict(channels=3, size=32, batch=128, augment=True, width=1
 def worker(rank: int, arch: str, n: int, precision: str, barrier, queue) -> None:
     import torch
 
-    from farm.methods import get_method
-    from farm.models import build_model
+    from farm.train.methods import get_method
+    from farm.train.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
-    from farm.training import configure_gpu_kernels, make_loader, predict_logits, train_model
+    from farm.train.loops import configure_gpu_kernels, make_loader, predict_logits, train_model
 
     torch.set_num_threads(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configure_gpu_kernels(device)  # as farm.engine.Engine runs
+    configure_gpu_kernels(device)  # as farm.train.engine.Engine runs
     gen = torch.Generator().manual_seed(rank)
     shape = SHAPES[arch]
     images = torch.rand(n, shape["channels"], shape["size"], shape["size"], generator=gen).to(device)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """One stacked training step of the preset's CNN (K models x batch B on 28x28 inputs), and one stacked
-prediction chunk, in several variants, to choose how farm.batched runs: the layouts of farm.stacked_cnn
+prediction chunk, in several variants, to choose how farm.train.stacked runs: the layouts of farm.train.stacked_cnn
 (batched products, grouped convolutions, Triton kernels) and generic vmap, fp32 versus bf16 autocast,
 deterministic cuDNN kernels versus autotuned ones. Prints ms per training step, model-steps per second,
 the arithmetic rate reached (3 x the forward FLOPs, counted from the layer shapes), and ms per 1,000
@@ -50,10 +50,10 @@ def forward_flops(model: torch.nn.Module, size: int) -> int:
 
 
 def main() -> None:
-    from farm.batched import PREDICT_PAIRS, StackedModels
-    from farm.models import build_model
+    from farm.train.stacked import PREDICT_PAIRS, StackedModels
+    from farm.train.models import build_model
     from farm.spec import ModelSpec
-    from farm.training import autocast
+    from farm.train.loops import autocast
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=256)
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--predict-images", type=int, default=None,
-                    help="images per prediction chunk (default: farm.batched's chunk for K models)")
+                    help="images per prediction chunk (default: farm.train.stacked's chunk for K models)")
     ap.add_argument("--profile", action="store_true", help="kernel table of the fastest variant")
     ap.add_argument("--layouts", nargs="+", default=["bmm", "grouped", "triton", "vmap"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
@@ -136,7 +136,7 @@ def main() -> None:
             print(f"  {impl:<10} {precision:<5} {kernels:<13} failed: {type(exc).__name__}: {str(exc)[:120]}")
             continue
         if impl == "triton" and kernels == "autotuned":
-            from farm.stacked_triton import chosen_tiles
+            from farm.train.stacked_triton import chosen_tiles
 
             for kernel, tile in chosen_tiles().items():
                 print(f"    autotuned tile {kernel}: {tile}")

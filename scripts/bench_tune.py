@@ -6,7 +6,7 @@ count, on a scratch store.
     .venv/bin/python scripts/bench_tune.py --models 16 --hparams '{"lr": 0.1, "epochs": 4}'
 
 Steps: train the spec's originals (not timed), retrain K models from scratch on the retain set (timed:
-the baseline), then one trial exactly as a Tune trial runs it (farm.tune.score_hparams: K unlearned models
+the baseline), then one trial exactly as a Tune trial runs it (farm.run.tune.score_hparams: K unlearned models
 committed to the store, then F, F_null ratio, accuracy ratios and final score; timed). Prints the ratio.
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from farm.methods import get_method  # noqa: E402
-from farm.runner import prepare_run, run_local  # noqa: E402
+from farm.train.methods import get_method  # noqa: E402
+from farm.run import prepare_run, run_local  # noqa: E402
 from farm.spec import load_spec  # noqa: E402
-from farm.tune import param_space, parse_tune, prepare_setup, score_hparams, trial_hparams  # noqa: E402
+from farm.run.tune import param_space, parse_tune, prepare_setup, score_hparams, trial_hparams  # noqa: E402
 
 
 def main() -> int:
@@ -59,7 +59,7 @@ def main() -> int:
     n_retrained = len(res.trained)
 
     # one trial, as a Tune trial runs it (its reference: the K retrained models above)
-    setup, _ = prepare_setup(spec if k == spec.count("retrain") else
+    setup = prepare_setup(spec if k == spec.count("retrain") else
                              dataclasses.replace(spec, counts={**spec.counts, "retrain": k}), ts, store,
                              local=True, progress=False)
     setup.threads = threads

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compile farm.stacked_triton's kernels for an NVIDIA GPU architecture without a GPU: every launch that a
+"""Compile farm.train.stacked_triton's kernels for an NVIDIA GPU architecture without a GPU: every launch that a
 stacked SmallCNN of the given width makes (forward with pooling, gradient to the input from a pooled
 gradient, weight gradients, and the unpooled forms), through Triton's own compiler and ptxas, specialised
 as a launch specialises them (pointer arguments 16-byte aligned, as torch allocates). Catches what the CPU
@@ -8,7 +8,7 @@ not vectorise. Prints per kernel its compile time, shared memory, registers per 
 (cuobjdump), and its global loads (see global_loads): asynchronous, copied to shared memory ahead of use by
 the software pipeline, or into registers; "x8" is 8 elements at once, 16 bytes of bf16.
 
-Fails where the deterministic tile (the first of farm.stacked_triton.TILES) needs more shared memory than
+Fails where the deterministic tile (the first of farm.train.stacked_triton.TILES) needs more shared memory than
 the card has (other tiles may: Triton's autotuner skips them), or where a layer whose channels fill whole
 reduction tiles (contiguous along the channels) has a 2-D load of one element at a time. By default
 each launch in its deterministic tile; --all-tiles also every tile that autotuning tries. Float32 is
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def launches(width: int, precision: str) -> list[tuple[str, dict]]:
     """(kernel, constants) of a SmallCNN with one input channel: conv(1 -> w) and conv(w -> 2w), each
     followed by ReLU and a 2x2 max-pool, plus the unpooled forms (odd feature maps)."""
-    from farm.stacked_triton import conv_constants, wgrad_constants
+    from farm.train.stacked_triton import conv_constants, wgrad_constants
 
     out = []
     for c, o in ((1, width), (width, 2 * width)):
@@ -126,7 +126,7 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from farm import stacked_triton
+    from farm.train import stacked_triton
 
     kernels = {"conv": stacked_triton._conv3x3_kernel, "wgrad": stacked_triton._conv3x3_wgrad_kernel}
     target = GPUTarget("cuda", args.arch, 32)

@@ -4,7 +4,7 @@
 # Each step has its own time limit, so one slow step does not cost the others; logs go to OUT (default .).
 # By default the issue's target, in the same call: one training step per layout (the Triton kernels'
 # gradients checked against grouped convolutions' on the same weights; the autotuned variant compiles every
-# tile into Triton's cache), then 256 shadows stacked in the default layout (farm.stacked_triton's kernels
+# tile into Triton's cache), then 256 shadows stacked in the default layout (farm.train.stacked_triton's kernels
 # on an H100/H200) against one at a time; the limits add up to 300 s, within one device call with room for
 # a rerun. PART=more (a second call, limits 510 s): 256 shadows with grouped convolutions and with
 # deterministic kernels, the deterministic layouts' step and the packing figures. PART=compile (210 s): the

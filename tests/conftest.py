@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-# farm.stacked_triton's kernels compile for a GPU; without one, tests run them through Triton's interpreter
+# farm.train.stacked_triton's kernels compile for a GPU; without one, tests run them through Triton's interpreter
 # (read when a kernel is defined, so before any test imports the module)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

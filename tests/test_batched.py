@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.engine import Engine
-from farm.runner import prepare_run, run_local
+from farm.train.engine import Engine
+from farm.run import prepare_run, run_local
 from farm.spec import SpecError, spec_from_dict
 from farm.store import RunStore
 from tests.conftest import TINY_SPEC
@@ -60,8 +60,8 @@ def test_batch_models_is_validated():
 @pytest.mark.parametrize("size,channels", [(28, 1), (8, 1), (32, 3), (7, 1)])  # 7: odd maps, unfused
 def test_stacked_layouts_match_each_model(layout, size, channels):
     """Every layout of the stacked forward (and its gradient) equals each model run on its own."""
-    from farm.batched import StackedModels
-    from farm.models import build_model
+    from farm.train.stacked import StackedModels
+    from farm.train.models import build_model
     from farm.spec import ModelSpec
 
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def test_stacked_layouts_match_each_model(layout, size, channels):
 
 
 def test_default_layout_follows_the_device_and_kernel_choice(monkeypatch):
-    from farm import batched
+    from farm.train import stacked as batched
 
     assert batched.default_layout("cpu") == "grouped"
     for measured in (True, False):  # an H100-class GPU with Triton, or another GPU
@@ -97,8 +97,9 @@ def test_default_layout_follows_the_device_and_kernel_choice(monkeypatch):
 def test_prediction_paths_and_chunks_give_the_same_logits(monkeypatch):
     """The stacked forward pass in any chunking (the GPU path), the models one by one (the CPU path) and
     the CPU's pixel-bounded chunks all give the same logits."""
-    from farm import batched, training
-    from farm.models import build_model
+    from farm.train import loops as training
+    from farm.train import stacked as batched
+    from farm.train.models import build_model
     from farm.spec import ModelSpec
 
     torch.manual_seed(1)
@@ -123,8 +124,8 @@ def test_prediction_paths_and_chunks_give_the_same_logits(monkeypatch):
 def test_triton_layout_trains_like_grouped_convolutions():
     """train_stacked (padding, masking, SGD, cosine schedule) through the Triton kernels ends where the
     grouped-convolution layout does, up to float rounding."""
-    from farm import batched
-    from farm.models import build_model
+    from farm.train import stacked as batched
+    from farm.train.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
 
     gen = torch.Generator().manual_seed(4)

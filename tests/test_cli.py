@@ -165,7 +165,7 @@ def test_failing_job_is_reported_and_others_finish(ray_address, tmp_path, capsys
 
 
 def test_worker_killed_mid_job_is_rerun(ray_address, tmp_path):
-    from farm.runner import run_spec
+    from farm.run import run_spec
     from farm.spec import spec_from_dict
 
     spec = copy.deepcopy(TINY_SPEC)

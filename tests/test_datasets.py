@@ -1,4 +1,4 @@
-"""farm.datasets on small files written by the tests themselves (no /usr/share/datasets needed)."""
+"""farm.data on small files written by the tests themselves (no /usr/share/datasets needed)."""
 from __future__ import annotations
 
 import gzip
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from farm.datasets import FASHION_MNIST_DEFAULT, FASHION_MNIST_FILES, DataError, Dataset, load_dataset, read_idx
+from farm.data import FASHION_MNIST_DEFAULT, FASHION_MNIST_FILES, DataError, Dataset, load_dataset, read_idx
 from farm.spec import DatasetSpec
 
 RNG = np.random.default_rng(1234)

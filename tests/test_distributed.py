@@ -3,8 +3,8 @@ import copy
 
 import numpy as np
 
-from farm.distributed import run_distributed
-from farm.runner import prepare_run, run_local
+from farm.run.data_parallel import run_distributed
+from farm.run import prepare_run, run_local
 from farm.spec import spec_from_dict
 from farm.store import RunStore
 from tests.conftest import TINY_SPEC

@@ -134,7 +134,7 @@ def test_planted_weights_never_run_code(tmp_path, monkeypatch):
 
     import torch
 
-    from farm.runner import prepare_run, run_local
+    from farm.run import prepare_run, run_local
     from farm.spec import spec_from_dict
 
     raw = copy.deepcopy(TINY_SPEC)

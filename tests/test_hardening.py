@@ -101,7 +101,7 @@ def test_credentials_never_reach_ray_logs_or_the_store(bucket, tmp_path, ray_tmp
 
 
 def test_forwarded_env_holds_no_credential(monkeypatch):
-    from farm.runner import FORWARDED_ENV, forwarded_env
+    from farm.settings import FORWARDED_ENV, forwarded_env
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
@@ -202,7 +202,7 @@ def test_wait_for_resources_waits_then_fails(ray_address, tmp_path, capsys):
 
 
 def test_the_session_cluster_is_seen_without_an_autoscaler(ray_address):
-    from farm.runner import _cluster_autoscales
+    from farm.run.ray_executor import _cluster_autoscales
 
     assert _cluster_autoscales() is False
 
@@ -243,7 +243,7 @@ def _check_timed_out(store_uri, result_failed, limit):
 
 
 def test_time_limit_ends_a_method_local(tmp_path):
-    from farm.runner import prepare_run, run_local
+    from farm.run import prepare_run, run_local
 
     uri = str(tmp_path / "run")
     started = time.perf_counter()
@@ -255,7 +255,7 @@ def test_time_limit_ends_a_method_local(tmp_path):
 
 
 def test_time_limit_ends_a_method_under_ray(ray_address, tmp_path):
-    from farm.runner import run_spec
+    from farm.run import run_spec
 
     uri = str(tmp_path / "run")
     res = run_spec(spec_from_dict(_unlearn_spec(tmp_path, SLEEPS, time_limit=2)), uri, progress=False)
@@ -277,7 +277,7 @@ def test_a_method_that_swallows_the_interrupt_ends_the_local_run(tmp_path):
 def test_a_method_that_swallows_the_interrupt_is_a_failed_model_under_ray(ray_address, tmp_path):
     """The worker ends itself and writes why; the driver fails the model at once instead of re-queuing it
     as a lost worker (which would run the stuck method three more times)."""
-    from farm.runner import run_spec
+    from farm.run import run_spec
 
     uri = str(tmp_path / "run")
     started = time.perf_counter()
@@ -294,7 +294,7 @@ HOLDS_THE_GIL = "    sum(range(10 ** 15))\n    return net\n"
 
 
 def test_the_driver_ends_a_worker_its_time_limit_cannot_reach(ray_address, tmp_path, monkeypatch):
-    from farm import runner
+    from farm.run import ray_executor as runner
 
     monkeypatch.setattr(runner, "DRIVER_GRACE_SECONDS", 3.0)
     uri = str(tmp_path / "run")
@@ -326,7 +326,7 @@ def test_time_limit_is_validated(value, needle):
 
 
 def test_call_with_time_limit_in_and_outside_the_main_thread():
-    from farm.timelimit import TimeLimitExceeded, call_with_time_limit
+    from farm.train.timelimit import TimeLimitExceeded, call_with_time_limit
 
     assert call_with_time_limit(lambda: 7, 5) == 7
 
@@ -416,7 +416,7 @@ def test_shadow_count_message_matches_what_is_accepted(tmp_path, capsys):
 
 
 def test_nan_output_error_names_the_method(tmp_path):
-    from farm.runner import prepare_run, run_local
+    from farm.run import prepare_run, run_local
 
     body = ("    with torch.no_grad():\n        for p in net.parameters():\n            p.fill_(float('nan'))\n"
             "    return net\n")

@@ -18,7 +18,7 @@ import pytest
 
 from farm.cli import main
 from farm.plan import make_plan
-from farm.runner import PreparedRun, prepare_run, run_local
+from farm.run import PreparedRun, prepare_run, run_local
 from farm.spec import UnlearnSpec, spec_from_dict
 from farm.status import summarize
 from farm.store import RunStore, StoreError, check_compatible, examples_table, is_model_id, logits_table
@@ -359,7 +359,7 @@ def test_second_run_on_a_leased_store_refuses_and_deletes_nothing(tiny_spec_file
 
 
 def test_lease_released_on_every_exit(tmp_path, monkeypatch):
-    from farm.engine import Engine
+    from farm.train.engine import Engine
 
     uri = str(tmp_path / "run")
     lease = tmp_path / "run" / ".lease"
@@ -453,8 +453,8 @@ def test_racing_takers_of_a_dead_lease_end_with_one_holder(tmp_path):
 
 def test_every_executor_and_tune_hold_the_lease(base_run, tmp_path):
     """The data-parallel executor and a whole tune search write the store too: a leased store refuses them."""
-    from farm.distributed import run_distributed
-    from farm.tune import run_search
+    from farm.run.data_parallel import run_distributed
+    from farm.run.tune import run_search
 
     uri = _copy(base_run, tmp_path)
     prep = prepare_run(_spec(counts={"original": 2, "retrain": 2, "shadow": 2}), uri)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from farm.methods import METHODS, get_method, method_label
+from farm.spec import method_label
+from farm.train.methods import METHODS, get_method
 from farm.spec import SpecError, spec_from_dict
 
 # small enough for seconds on 2 cores, trained enough (about 90% test accuracy) for stable scores
@@ -67,7 +68,7 @@ def unlearn(net, retain, forget, validation, lr=0.01):
 
 def build_store(root) -> str:
     """The shared small store of both test modules (built once per session, then reused)."""
-    from farm.runner import prepare_run, run_local
+    from farm.run import prepare_run, run_local
 
     store = str(root / "methods-store")
     prep = prepare_run(spec_from_dict(STORE_SPEC), store)
@@ -82,7 +83,7 @@ def small_store(tmp_path_factory):
 
 
 def run_unlearn(store: str, unlearn: list, **extra):
-    from farm.runner import prepare_run, run_local
+    from farm.run import prepare_run, run_local
 
     raw = {**copy.deepcopy(STORE_SPEC), "unlearn": unlearn, "max_retries": 0, **extra}
     prep = prepare_run(spec_from_dict(raw), store)
@@ -90,8 +91,8 @@ def run_unlearn(store: str, unlearn: list, **extra):
 
 
 def loaders():
-    from farm.datasets import load_dataset
-    from farm.training import make_loader
+    from farm.data import load_dataset
+    from farm.train.loops import make_loader
 
     spec = spec_from_dict(STORE_SPEC)
     ds = load_dataset(spec.dataset, spec.seed)
@@ -103,7 +104,7 @@ def loaders():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_builtin_returns_a_same_shape_model_deterministically(name):
-    from farm.models import build_model
+    from farm.train.models import build_model
 
     spec = spec_from_dict(STORE_SPEC)
     outs = []
@@ -212,11 +213,11 @@ def test_best_and_worst_methods_are_stable_across_two_search_seeds(small_store):
     the retrained reference; seed 1 makes new replicates of every method. The best and the worst method of
     one seed must be within a tolerance of the best and the worst of the other."""
     from farm.spec import spec_from_dict as load
-    from farm.tune import parse_tune, prepare_setup, score_hparams, trial_hparams
+    from farm.run.tune import parse_tune, prepare_setup, score_hparams, trial_hparams
 
     spec = load({**STORE_SPEC, "tune": {"method": "finetune", "models": 4, "params": {"lr": [0.01, 0.02]}}})
     ts = parse_tune(spec)
-    setup, _ = prepare_setup(spec, ts, small_store, local=True, progress=False)
+    setup = prepare_setup(spec, ts, small_store, local=True, progress=False)
     scores = {}
     for seed in (0, 1):
         for name, m in METHODS.items():

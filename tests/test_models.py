@@ -1,11 +1,11 @@
-"""farm.models: output shapes, parameter counts, no BatchNorm in small-cnn, seeded initialization."""
+"""farm.train.models: output shapes, parameter counts, no BatchNorm in small-cnn, seeded initialization."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from farm.models import build_model, count_parameters
+from farm.train.models import build_model, count_parameters
 from farm.spec import ModelSpec, SpecError
 
 

@@ -1,4 +1,4 @@
-"""farm.stacked_triton's stacked 3x3 convolution against torch's conv2d, model by model (on a CPU through
+"""farm.train.stacked_triton's stacked 3x3 convolution against torch's conv2d, model by model (on a CPU through
 Triton's interpreter, which tests/conftest.py turns on when there is no GPU)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tests.conftest import REPO
 
-stacked_triton = pytest.importorskip("farm.stacked_triton")
+stacked_triton = pytest.importorskip("farm.train.stacked_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -52,7 +52,7 @@ def test_stacked_conv_and_gradients_match_conv2d(k, n, h, w, c, o):
 
 
 def reference_pooled(x, w, b):
-    """conv -> ReLU -> 2x2 max-pool per model, as farm.models' SmallCNN runs it."""
+    """conv -> ReLU -> 2x2 max-pool per model, as farm.train.models' SmallCNN runs it."""
     conv = reference(x, w, b)
     k, n = conv.shape[:2]
     pooled = F.max_pool2d(F.relu(conv).flatten(0, 1).permute(0, 3, 1, 2), 2)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from farm.confidence import logit_scaled_confidence
+from evaluation.scores import logit_scaled_confidence
 from farm.store import RunStore, StoreError, check_compatible, examples_table, logits_table
 
 

@@ -64,7 +64,7 @@ def read_trials(store: str, name: str) -> list[dict]:
 
 
 def test_tune_section_is_checked():
-    from farm.tune import parse_tune
+    from farm.run.tune import parse_tune
 
     ok = parse_tune(spec_from_dict(tune_spec(params={"lr": [0.01, 0.1]}, models=4)))
     assert ok.method == "finetune" and ok.models == 4 and ok.search_name == "finetune-grid"
@@ -109,7 +109,7 @@ def test_tune_end_to_end_writes_trials_best_spec_and_plot(ray_address, small_sto
 
 
 def test_failing_trials_are_reported_per_model_and_the_search_goes_on(ray_address, small_store, tmp_path):
-    from farm.tune import run_search
+    from farm.run.tune import run_search
 
     path = tmp_path / "user_method.py"
     path.write_text(USER_METHOD)
@@ -130,7 +130,7 @@ def test_failing_trials_are_reported_per_model_and_the_search_goes_on(ray_addres
 
 
 def test_random_search_with_asha(ray_address, small_store):
-    from farm.tune import run_search
+    from farm.run.tune import run_search
 
     spec = spec_from_dict(tune_spec(name="asha", search="random", samples=3, seed=7, scheduler="asha",
                                     models=4, grace_models=2, baseline=False,
@@ -144,7 +144,7 @@ def test_random_search_with_asha(ray_address, small_store):
 def test_tune_state_can_live_on_s3(ray_address, small_store, bucket):
     import boto3
 
-    from farm.tune import run_search
+    from farm.run.tune import run_search
 
     spec = spec_from_dict(tune_spec(name="s3state", storage_path=f"s3://{bucket}/tune-state", models=2,
                                     baseline=False, params={"lr": [0.01, 0.02], "epochs": 1}))

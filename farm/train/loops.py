@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .spec import TrainingSpec, parse_query
+from farm.spec import TrainingSpec, parse_query
 
 
 def set_determinism(seed: int) -> torch.Generator:

@@ -15,8 +15,9 @@ import traceback
 
 import numpy as np
 
-from .plan import Job
-from .runner import PreparedRun, RunResult, _Scheduler, log
+from farm.plan import Job
+from .prepare import PreparedRun, RunResult
+from .scheduler import Scheduler, log
 
 PLAN_ROLES = ("original", "retrain", "shadow")
 
@@ -28,8 +29,8 @@ def _train_loop(config: dict) -> None:
     import ray.train.torch as rt
     import torch
 
-    from .engine import Engine
-    from .training import augment_batch, autocast, predict_logits, set_determinism
+    from farm.train.engine import Engine
+    from farm.train.loops import augment_batch, autocast, predict_logits, set_determinism
 
     ctx, job = ray.get(config["ctx"]), config["job"]
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -79,11 +80,11 @@ def run_distributed(prep: PreparedRun, workers: int, *, use_gpu: bool, progress:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .runner import ensure_ray
+    from .ray_executor import ensure_ray
 
     with prep.store.lease():  # one writer at a time, for every job of the run
         started = time.perf_counter()
-        sched = _Scheduler(prep, progress)
+        sched = Scheduler(prep, progress)
         if not prep.pending:
             return sched.finish(started)
         ensure_ray(address)

@@ -1,7 +1,7 @@
 """Train K models of one architecture at once by stacking their weights.
 
 Each model keeps its own seed (initialisation), its own training set and its own data order: model k is
-initialised exactly as farm.training would initialise it alone (torch.manual_seed(seed_k) then
+initialised exactly as farm.train.loops would initialise it alone (torch.manual_seed(seed_k) then
 build_model), and draws its batches from a generator seeded as the single-model path seeds it. The only
 difference from one-at-a-time training is the arithmetic order inside the batched kernels, so results
 agree to float rounding, not bit for bit.
@@ -11,14 +11,14 @@ loss is the sum of the K models' mean losses, so the gradient of the stacked ten
 gradient; SGD with momentum and weight decay is elementwise, so one torch.optim.SGD over the stacked
 tensors is K independent optimisers.
 
-The stacked forward pass: farm.models' SmallCNN runs through farm.stacked_cnn's layouts, chosen by
-measurement: farm.stacked_triton's kernels on an H100-class GPU, grouped convolutions on a CPU (batched
+The stacked forward pass: farm.train.models' SmallCNN runs through farm.train.stacked_cnn's layouts, chosen by
+measurement: farm.train.stacked_triton's kernels on an H100-class GPU, grouped convolutions on a CPU (batched
 products are the other choice); any other buffer-free module goes through torch.func.vmap(functional_call),
 which is generic.
 
 Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
 length with zero-weight entries at the end of each epoch's last batch. Only models without buffers
-(no BatchNorm running statistics) can be stacked; farm.models' small-cnn has none, ResNet-18 does and is
+(no BatchNorm running statistics) can be stacked; farm.train.models' small-cnn has none, ResNet-18 does and is
 trained one model per worker instead (fractional GPUs pack several workers on one card).
 """
 from __future__ import annotations
@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from .models import SmallCNN
-from .stacked_cnn import forward_bmm, forward_grouped, forward_triton
-from .spec import TrainingSpec
-from .training import apply_query, augment_batch, autocast, predict_logits
+from farm.train.models import SmallCNN
+from farm.train.stacked_cnn import forward_bmm, forward_grouped, forward_triton
+from farm.spec import TrainingSpec
+from farm.train.loops import apply_query, augment_batch, autocast, predict_logits
 
 
-# The stacked SmallCNN layout (farm.stacked_cnn), chosen by scripts/bench_stacked_step.py and
-# scripts/bench_farm.py (docs/benchmarks.md): on a CPU, grouped convolutions; on a GPU, farm.stacked_triton's
+# The stacked SmallCNN layout (farm.train.stacked_cnn), chosen by scripts/bench_stacked_step.py and
+# scripts/bench_farm.py (docs/benchmarks.md): on a CPU, grouped convolutions; on a GPU, farm.train.stacked_triton's
 # kernels (one launch per convolution for all K models), deterministic or autotuned. They were compiled and
 # measured on compute capability 9.0 (H100) only; an sm_86 block (A10G) has too little shared memory for
 # their float32 tile, so other GPUs keep the layouts measured best without them (WITHOUT_TRITON).
@@ -91,7 +91,7 @@ class StackedModels:
 
         self._per_model_batch = vmap(one, in_dims=(0, 0))  # x: [K, B, ...]
         self._shared_batch = vmap(one, in_dims=(0, None))  # x: [B, ...], the same inputs for all models
-        # "bmm" | "grouped" | "triton" (farm.stacked_cnn) for SmallCNN, else "vmap"; scripts/bench_stacked_step.py
+        # "bmm" | "grouped" | "triton" (farm.train.stacked_cnn) for SmallCNN, else "vmap"; scripts/bench_stacked_step.py
         # times them
         device = next(models[0].parameters()).device.type
         self.layout = default_layout(device) if isinstance(models[0], SmallCNN) else "vmap"
@@ -129,7 +129,7 @@ class StackedModels:
 
 def train_stacked(stack: StackedModels, images: torch.Tensor, labels: torch.Tensor,
                   train_sets: list[np.ndarray], cfg: TrainingSpec, gens: list[torch.Generator]) -> None:
-    """SGD with momentum and a cosine schedule, as farm.training.train_model, for K models at once.
+    """SGD with momentum and a cosine schedule, as farm.train.loops.train_model, for K models at once.
 
     train_sets[k] are model k's example ids; gens[k] its data-order generator (seeded like the single path).
     """
@@ -171,7 +171,7 @@ def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[s
                     batch_size: int, precision: str = "fp32") -> np.ndarray:
     """float32 [K, N, Q, C]: every model's logits for every example under every query.
 
-    On a CPU the models predict one after another in small chunks (farm.training.predict_logits), which
+    On a CPU the models predict one after another in small chunks (farm.train.loops.predict_logits), which
     measured faster than the stacked forward pass there (docs/benchmarks.md). On a GPU a chunk holds at
     most PREDICT_PAIRS image-model pairs (batch_size images for few models, fewer for many): activations
     grow with both, and K=256 models x 4,096 images would not fit on any card."""

@@ -2,7 +2,7 @@
 retrained reference already in a run store.
 
 Each trial is one point of the method's space. It makes K unlearned models from the run's originals
-(in-process, with farm.engine.Engine: no nested Ray actors), commits them to the run store under their own
+(in-process, with farm.train.engine.Engine: no nested Ray actors), commits them to the run store under their own
 hparams hash (so a model whose marker exists is reused, on resume or when two searches meet), and reports
 to Tune after every `report_every` models: forgetting quality F of the models so far against the store's
 retrain models, F_null (the same statistic between two halves of the retrain models), F / F_null, retain
@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 import numpy as np
 import yaml
 
-from .methods import Method, get_method
-from .spec import Spec, SpecError, UnlearnSpec
+from farm.train.methods import Method, get_method
+from farm.spec import Spec, SpecError, UnlearnSpec, method_label
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -66,8 +66,6 @@ class TuneSpec:
 
     @property
     def search_name(self) -> str:
-        from .methods import method_label
-
         return self.name or f"{method_label(self.method)}-{self.search}"
 
 
@@ -202,7 +200,7 @@ def trial_hparams(method: Method, config: dict, fixed: dict, seed: int) -> dict:
 class TrialSetup:
     """What every trial needs, shipped once through Ray's object store (tune.with_parameters)."""
     spec: Spec
-    ctx: object = field(repr=False)  # farm.engine.RunContext
+    ctx: object = field(repr=False)  # farm.train.engine.RunContext
     groups: np.ndarray | None = field(repr=False)
     method: str
     fixed: dict
@@ -221,7 +219,7 @@ class TrialSetup:
 
 
 def trial_jobs(setup: TrialSetup, hparams: dict):
-    from .plan import make_plan
+    from farm.plan import make_plan
 
     u = UnlearnSpec(method=setup.method, count=setup.models, hparams=hparams)
     spec = dataclasses.replace(setup.spec, unlearn=(u,))
@@ -257,8 +255,8 @@ def score_hparams(setup: TrialSetup, hparams: dict, report=None, engine=None) ->
 
     A model that fails is written to <run>/failed/<model_id>.json with its traceback, and the trial stops
     with TrialError naming the model (the search goes on with the other trials)."""
-    from .engine import Engine
-    from .store import RunStore
+    from farm.train.engine import Engine
+    from farm.store import RunStore
 
     store = RunStore(setup.ctx.store_uri)
     jobs = trial_jobs(setup, hparams)
@@ -322,12 +320,13 @@ def prepare_setup(spec: Spec, ts: TuneSpec, store, *, address: str | None = None
     first, as `ufarm run` would), read the retrained reference and compute F_null."""
     from evaluation.competition import forgetting_quality_null
 
-    from .datasets import load_dataset
-    from .engine import RunContext
-    from .plan import make_plan
-    from .runner import build_manifest, prepare_run, run_local, run_ray
-    from .store import RunStore, StoreError, check_compatible
+    from farm.data import load_dataset
+    from farm.train.engine import RunContext
+    from farm.plan import make_plan
+    from farm.run import build_manifest, prepare_run, run_local, run_ray
+    from farm.store import RunStore, StoreError, check_compatible
 
+    store = store if isinstance(store, RunStore) else RunStore(store)
     dataset = load_dataset(spec.dataset, spec.seed)
     base = dataclasses.replace(spec, unlearn=(), counts={r: spec.count(r) for r in ("original", "retrain")})
     old = store.read_manifest()
@@ -375,7 +374,7 @@ def _storage(ts: TuneSpec, store) -> tuple[str, object, str]:
     if ts.storage_path:
         path = ts.storage_path.rstrip("/")
         if path.startswith("s3://"):
-            from .store import RunStore
+            from farm.store import RunStore
 
             other = RunStore(path)  # the endpoint and credentials of the standard AWS environment, as the store
             return other.root, other.fs, f"{other.root}/{ts.search_name}"
@@ -558,8 +557,8 @@ def plot_png(rows: list[dict], ts: TuneSpec) -> bytes | None:
 def run_search(spec: Spec, store_uri: str, *, address: str | None = None, restart: bool = False,
                progress: bool = True, local_reference: bool = False) -> SearchResult:
     """The whole `ufarm tune`: reference, Tune search (or resume), baseline, table, best spec and plot."""
-    from .runner import ensure_ray
-    from .store import RunStore
+    from farm.run import ensure_ray
+    from farm.store import RunStore
 
     ts = parse_tune(spec)
     store = RunStore(store_uri)
@@ -609,7 +608,7 @@ def run_search(spec: Spec, store_uri: str, *, address: str | None = None, restar
 
 
 def cmd_tune(args) -> int:
-    from .spec import load_spec
+    from farm.spec import load_spec
 
     spec = load_spec(args.spec)
     res = run_search(spec, args.store, address=args.address, restart=args.restart, progress=not args.no_progress,

@@ -17,7 +17,7 @@ class SmallCNN(nn.Module):
     The classic small image CNN: at width 32 on 28x28 inputs it has 0.42M parameters and a forward pass of
     8.5 MFLOP (as scripts/bench_stacked_step.py counts), and reaches 88.7% test accuracy on Fashion-MNIST
     with the fashion-mnist preset's 5 epochs (docs/benchmarks.md). No BatchNorm and no buffers: many
-    copies train at once over stacked parameters (farm.batched), which running statistics would break.
+    copies train at once over stacked parameters (farm.train.stacked), which running statistics would break.
     A max-pool is only applied while the feature map is at least 4 pixels wide, so 8x8 digits still work
     (8 -> 4 -> 2).
     """

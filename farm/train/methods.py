@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .spec import SpecError
+from farm.spec import SpecError, is_file_ref
 
 PARAM_TYPES = ("float", "int", "bool", "choice")
 RESERVED_HPARAMS = ("seed",)  # consumed by the farm (a replicate seed, part of the model id), never passed on
@@ -191,7 +191,7 @@ def _reset_module(m: torch.nn.Module) -> None:
 def _reinit_all(net: torch.nn.Module) -> None:
     for m in net.modules():
         _reset_module(m)
-    # keep the same initialiser for a ResNet stem as farm.models uses
+    # keep the same initialiser for a ResNet stem as farm.train.models uses
     conv1 = getattr(net, "conv1", None)
     if isinstance(conv1, torch.nn.Conv2d) and hasattr(net, "fc"):
         torch.nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -419,22 +419,6 @@ METHODS: dict[str, Method] = {
 # ------------------------------------------------------------------------------------------- user methods
 
 _USER_REF = re.compile(r"^(?P<target>[^:]+):(?P<func>[A-Za-z_][A-Za-z0-9_]*)$")
-
-
-def is_file_ref(target: str) -> bool:
-    return target.endswith(".py") or "/" in target or os.sep in target
-
-
-def method_label(name: str) -> str:
-    """A file-name-safe label for a method reference, used in model ids: a built-in's name; for
-    `pkg.mod:fn` -> `pkg.mod.fn`; for `path/to/file.py:fn` -> `file.fn`. Distinct files with the same stem
-    still give distinct model ids, because the hparams hash covers the full reference."""
-    if name in METHODS or ":" not in name:
-        return re.sub(r"[^A-Za-z0-9_.]+", "_", name)
-    target, func = name.rsplit(":", 1)
-    if is_file_ref(target):
-        target = os.path.splitext(os.path.basename(target))[0]
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", f"{target}.{func}").strip("._") or "user"
 
 
 def _load_file(path: str):

@@ -1,12 +1,12 @@
 """Stacked 3x3 convolutions of K small models, one Triton kernel launch for all K (GPU), optionally fused
-with the ReLU and 2x2 max-pool that follow them in farm.models' SmallCNN.
+with the ReLU and 2x2 max-pool that follow them in farm.train.models' SmallCNN.
 
 cuDNN runs a grouped convolution with groups=K as one small kernel per group, and torch's max-pool
 backward over the first layer's full-resolution activations is slow; together they leave an H100/H200
 mostly idle for K=256 copies of SmallCNN (docs/benchmarks.md). These kernels treat each of the K
 convolutions as an implicit GEMM and run all of them, tile by tile, in one launch.
 
-Activations are [K, B, H, W, C] (model-major, channels-last, as farm.stacked_cnn's "bmm" layout) and the
+Activations are [K, B, H, W, C] (model-major, channels-last, as farm.train.stacked_cnn's "bmm" layout) and the
 weights the model's own, stacked: w [K, O, C, 3, 3], b [K, O]. With stride 1 and zero padding 1,
 
     conv[k, b, y, x, o] = b[k, o] + sum_{i, j in 0..2} sum_c in[k, b, y+i-1, x+j-1, c] * w[k, o, c, i, j]
@@ -240,7 +240,7 @@ def chosen_tiles() -> dict:
 
 
 def _tuning() -> bool:
-    """Whether GPU kernels may be autotuned: farm.training.configure_gpu_kernels sets cudnn.benchmark for
+    """Whether GPU kernels may be autotuned: farm.train.loops.configure_gpu_kernels sets cudnn.benchmark for
     resources.gpu_kernels: autotuned."""
     return torch.backends.cudnn.benchmark
 

@@ -1,7 +1,7 @@
 """The training engine: one object that holds the dataset on its device and turns a Job into a committed
 model in the store (train or unlearn, predict every example under every query, write logits, then marker).
 
-No Ray here: a Ray actor wraps an Engine (farm.runner), and a plain loop or a machine without Ray uses it
+No Ray here: a Ray actor wraps an Engine (farm.run), and a plain loop or a machine without Ray uses it
 directly.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batched import StackedModels, can_stack, predict_stacked, train_stacked
-from .methods import get_method
-from .models import build_model
-from .plan import Job
-from .spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
-from .store import RunStore, logits_table
-from .timelimit import TimeLimitExceeded, call_with_time_limit, grace_seconds
-from .training import (accuracy, configure_gpu_kernels, make_loader, predict_logits, set_determinism,
+from farm.train.stacked import StackedModels, can_stack, predict_stacked, train_stacked
+from farm.train.methods import get_method
+from farm.train.models import build_model
+from farm.plan import Job
+from farm.spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
+from farm.store import RunStore, logits_table
+from farm.train.timelimit import TimeLimitExceeded, call_with_time_limit, grace_seconds
+from farm.train.loops import (accuracy, configure_gpu_kernels, make_loader, predict_logits, set_determinism,
                        train_model)
 
 
@@ -102,7 +102,7 @@ class Engine:
         return self.commit(job, model, logits, train_seconds, time.perf_counter() - start)
 
     def run_batch(self, jobs: list[Job]) -> list[dict]:
-        """Train several non-unlearned jobs at once with stacked weights (farm.batched) and commit each as
+        """Train several non-unlearned jobs at once with stacked weights (farm.train.stacked) and commit each as
         its own model; falls back to one at a time for a single job or an architecture with buffers."""
         if len(jobs) == 1 or any(j.role == "unlearned" for j in jobs) or not can_stack(self.new_model()):
             return [self.run(j) for j in jobs]

@@ -1,4 +1,4 @@
-"""farm.models' SmallCNN evaluated for K models at once from stacked parameters, without vmap.
+"""farm.train.models' SmallCNN evaluated for K models at once from stacked parameters, without vmap.
 
 Three layouts of the activations, with the same parameters and the same results up to float rounding
 (scripts/bench_stacked_step.py times them; docs/benchmarks.md has the figures and the choice):
@@ -9,7 +9,7 @@ Three layouts of the activations, with the same parameters and the same results 
 - "grouped" [B, K*C, H, W], model k owning channels k*C .. k*C + C - 1: each convolution is one cuDNN call
   with groups=K (channels-last in memory on a GPU); a shared input (prediction) meets the first
   convolution as one ordinary convolution with K*C filters;
-- "triton" [K, B, H, W, C] as "bmm", each convolution one launch of farm.stacked_triton's implicit-GEMM
+- "triton" [K, B, H, W, C] as "bmm", each convolution one launch of farm.train.stacked_triton's implicit-GEMM
   kernel for all K models, fused with the ReLU and max-pool after it (GPU; no im2col copy, no per-group
   kernels, no full-resolution activations).
 
@@ -106,9 +106,9 @@ def forward_bmm(base: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
 
 def forward_triton(base: nn.Module, params: dict, x: torch.Tensor, shared: bool) -> torch.Tensor:
     """x [K, B, C, H, W] (shared=False) or [B, C, H, W] the same for all models (shared=True) -> logits
-    [K, B, n_classes]. Every convolution is one farm.stacked_triton kernel launch for all K models, fused
+    [K, B, n_classes]. Every convolution is one farm.train.stacked_triton kernel launch for all K models, fused
     with the ReLU and 2x2 max-pool after it where the model has them (and the feature map is even-sized)."""
-    from .stacked_triton import stacked_conv3x3  # imports Triton: only when this layout runs
+    from farm.train.stacked_triton import stacked_conv3x3  # imports Triton: only when this layout runs
 
     layers = list(base.features)
     h = (x.unsqueeze(0) if shared else x).permute(0, 1, 3, 4, 2)  # [K or 1, B, H, W, C]
@@ -138,7 +138,7 @@ def _pair(v) -> tuple:
 
 
 def _is_pool2(layer: nn.Module) -> bool:
-    """A 2x2, stride-2, unpadded max-pool (what farm.stacked_triton fuses)."""
+    """A 2x2, stride-2, unpadded max-pool (what farm.train.stacked_triton fuses)."""
     return (isinstance(layer, nn.MaxPool2d) and _pair(layer.kernel_size) == (2, 2) and _pair(layer.stride) == (2, 2)
             and _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1) and not layer.ceil_mode)
 

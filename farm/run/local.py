@@ -1,0 +1,36 @@
+"""The plain in-process executor: no Ray; used on machines without Ray (the GPU benchmark machine) and as
+the benchmark baseline. Gives bit-identical models to the Ray executor on the CPU."""
+from __future__ import annotations
+
+import time
+import traceback
+
+from farm.train.engine import Engine
+
+from .prepare import PreparedRun, RunResult
+from .scheduler import Scheduler
+
+
+def run_local(prep: PreparedRun, progress: bool = True, device: str | None = None,
+              threads: int | None = None) -> RunResult:
+    """The plain in-process loop: no Ray; used on machines without Ray and as the benchmark baseline."""
+    with prep.store.lease():  # one writer at a time; released (and own temporaries removed) on every exit
+        started = time.perf_counter()
+        sched = Scheduler(prep, progress)
+        # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
+        threads = threads or max(1, int(prep.spec.resources.cpus))
+        engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
+        batch_models = prep.spec.resources.batch_models
+        k = 1 if engine is None else engine.batch_capacity() if batch_models == "auto" else int(batch_models)
+        while sched.queue:
+            jobs = sched.take(k)
+            try:
+                engine.run_batch(jobs)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM (farm.cli): the run stops, committed models stay
+                raise
+            except BaseException as exc:  # a job's failure (sys.exit() in a method included) must not stop the run
+                sched.batch_raised(jobs, exc, traceback.format_exc())
+            else:
+                for job in jobs:
+                    sched.succeeded(job)
+        return sched.finish(started)

@@ -1,0 +1,115 @@
+"""Job bookkeeping shared by every executor: ready queue, parents, retries, failures, progress.
+
+Scheduling rules (the same for every executor):
+- a job that raises is retried up to spec.max_retries times, then reported by id with its error in
+  <run>/failed/<model_id>.json while the other jobs go on;
+- with Ray, a worker that dies mid-job (process killed, node lost) is replaced and its job re-queued;
+  that does not count as a retry, up to MAX_WORKER_DEATHS deaths of the same job;
+- unlearned jobs wait for their original; if the original fails, they fail with that reason.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from datetime import datetime, timezone
+
+from farm.plan import Job
+
+from .prepare import PreparedRun, RunResult
+
+MAX_WORKER_DEATHS = 3
+log = logging.getLogger("ufarm")
+
+
+class Scheduler:
+    """Job bookkeeping shared by both executors: ready queue, parents, retries, failures, progress."""
+
+    def __init__(self, prep: PreparedRun, progress: bool):
+        self.prep = prep
+        self.result = RunResult(store=prep.store.uri, planned=len(prep.plan.jobs), already_done=len(prep.done))
+        self.done = set(prep.done)
+        self.attempts: dict[str, int] = {}
+        self.deaths: dict[str, int] = {}
+        self.queue: deque[Job] = deque()
+        self.solo: set[str] = set()  # jobs of a batch that raised: retried one at a time to isolate the cause
+        self.waiting: list[Job] = []
+        for job in prep.pending:
+            (self.waiting if job.parent and job.parent not in self.done else self.queue).append(job)
+        from tqdm import tqdm  # here: the engine and planning import this module on machines without tqdm
+
+        self.bar = tqdm(total=len(prep.plan.jobs), initial=len(prep.done), unit="model", desc=prep.spec.name,
+                        disable=not progress, dynamic_ncols=True)
+
+    def release_waiting(self) -> None:
+        still = []
+        for job in self.waiting:
+            if job.parent in self.done:
+                self.queue.append(job)
+            elif job.parent in self.result.failed:
+                self.fail(job, f"its original {job.parent} failed", "")
+            else:
+                still.append(job)
+        self.waiting = still
+
+    def take(self, k: int) -> list[Job]:
+        """The next job, plus up to k-1 more that can share a stacked batch (trained from scratch)."""
+        first = self.queue.popleft()
+        unit = [first]
+        if k > 1 and first.role != "unlearned" and first.model_id not in self.solo:
+            rest = deque()
+            while self.queue and len(unit) < k:
+                job = self.queue.popleft()
+                (unit if job.role != "unlearned" and job.model_id not in self.solo else rest).append(job)
+            self.queue.extendleft(reversed(rest))
+        return unit
+
+    def batch_raised(self, jobs: list[Job], error: BaseException, tb: str) -> None:
+        if len(jobs) == 1:
+            return self.raised(jobs[0], error, tb)
+        log.warning("a batch of %d models raised (%s); retrying them one at a time", len(jobs), one_line(error))
+        self.solo.update(j.model_id for j in jobs)
+        self.queue.extendleft(reversed(jobs))
+
+    def succeeded(self, job: Job) -> None:
+        self.done.add(job.model_id)
+        self.result.trained.append(job.model_id)
+        self.bar.update(1)
+        self.release_waiting()
+
+    def raised(self, job: Job, error: BaseException, tb: str) -> None:
+        n = self.attempts[job.model_id] = self.attempts.get(job.model_id, 0) + 1
+        if n <= self.prep.spec.max_retries:
+            log.warning("%s raised (%s); retry %d of %d", job.model_id, one_line(error), n,
+                        self.prep.spec.max_retries)
+            self.queue.append(job)
+        else:
+            self.fail(job, one_line(error), tb)
+
+    def worker_died(self, job: Job, error: BaseException) -> None:
+        n = self.deaths[job.model_id] = self.deaths.get(job.model_id, 0) + 1
+        if n <= MAX_WORKER_DEATHS:
+            log.warning("worker running %s died (%s); re-queued", job.model_id, one_line(error))
+            self.queue.appendleft(job)
+        else:
+            self.fail(job, f"its worker died {n} times: {one_line(error)}", "")
+
+    def fail(self, job: Job, message: str, tb: str) -> None:
+        self.result.failed[job.model_id] = message
+        self.prep.store.write_failure(job.model_id, {
+            "role": job.role, "error": message, "traceback": tb,
+            "attempts": self.attempts.get(job.model_id, 0), "worker_deaths": self.deaths.get(job.model_id, 0),
+            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        self.bar.write(f"ufarm: {job.model_id} failed: {message}")
+        self.release_waiting()
+
+    def finish(self, started: float) -> RunResult:
+        self.bar.close()
+        self.result.seconds = time.perf_counter() - started
+        return self.result
+
+
+def one_line(error: BaseException) -> str:
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
+
