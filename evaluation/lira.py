@@ -34,8 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy import stats
 from scipy.special import log_ndtr
+from sklearn import metrics
 
-from .vulnerability import _check_partner, pair_vulnerability, pair_vulnerability_null
+from .vulnerability import check_partner, pair_vulnerability, pair_vulnerability_null
 
 _STD_GUARD = 1e-30
 _MODES = ("online", "offline", "global")
@@ -43,7 +44,7 @@ _VARIANCES = ("per_example", "global")
 _NORMALTEST_MIN = 8  # scipy.stats.skewtest needs >= 8 values
 
 __all__ = ["lira_scores", "lira_leave_one_out", "lira_leave_pair_out", "random_partners", "gaussian_check",
-           "pair_vulnerability", "pair_vulnerability_null", "roc_curve", "roc_metrics"]
+           "pair_vulnerability", "pair_vulnerability_null", "roc_curve", "roc_auc", "tpr_at_fpr", "roc_metrics"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -278,7 +279,7 @@ def lira_leave_pair_out(conf, shadow_in, partner, *, mode: str = "online", varia
     _check_mode(mode, variance)
     c, mask = _as_conf_mask(conf, shadow_in, chunk)
     m, n_ex, q = c.shape
-    pt = _check_partner(partner, mask)
+    pt = check_partner(partner, mask)
     for start in range(0, n_ex, 65536):
         _finite(c[:, start:start + 65536], "conf")
     scored = pt >= 0
@@ -478,7 +479,13 @@ def gaussian_check(conf, shadow_in, alpha: float = 0.05) -> dict:
 # ----------------------------------------------------------------------------- ROC
 def roc_curve(scores, is_member):
     """Full ROC (no point dropped): predict member when score >= t for every distinct score t,
-    from the highest down, after a first point (0, 0).  Returns (fpr, tpr, thresholds)."""
+    from the highest down, after a first point (0, 0).  Returns (fpr, tpr, thresholds).
+
+    sklearn.metrics.roc_curve with drop_intermediate=False computes exactly these points: the rates are
+    counts over totals, float64 division of integers either way.  sklearn rejects infinite scores; with any,
+    the curve is computed on the scores' dense ranks (the same order, so the same points) and the thresholds
+    are mapped back to the scores.
+    """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(is_member)
     if s.ndim != 1 or y.shape != s.shape:
@@ -491,16 +498,22 @@ def roc_curve(scores, is_member):
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"ROC needs at least 1 member and 1 non-member, got {n_pos} and {n_neg}")
-    order = np.argsort(-s, kind="stable")
-    s_sorted = s[order]
-    y_sorted = y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), s.size - 1]  # last index of each distinct score
-    tps = np.cumsum(y_sorted)[last]
-    fps = (last + 1) - tps
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    thr = np.r_[np.inf, s_sorted[last]]
-    return fpr, tpr, thr
+    if np.isfinite(s).all():
+        return metrics.roc_curve(y, s, drop_intermediate=False)
+    distinct, rank = np.unique(s, return_inverse=True)
+    fpr, tpr, thr = metrics.roc_curve(y, rank.reshape(s.shape), drop_intermediate=False)
+    return fpr, tpr, np.r_[np.inf, distinct[thr[1:].astype(np.int64)]]
+
+
+def roc_auc(fpr, tpr) -> float:
+    """Trapezoidal area under the ROC points (fpr, tpr) (= P(s_member > s_nonmember) + P(tie)/2 on the full ROC)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def tpr_at_fpr(fpr, tpr, level: float) -> float:
+    """TPR of the last ROC point whose FPR is strictly below ``level`` (0 when none is)."""
+    below = np.flatnonzero(fpr < level)
+    return float(tpr[below[-1]]) if below.size else 0.0
 
 
 def roc_metrics(scores, is_member, fprs=(1e-3, 1e-2)) -> dict:
@@ -511,11 +524,6 @@ def roc_metrics(scores, is_member, fprs=(1e-3, 1e-2)) -> dict:
     point whose FPR is strictly below a (the first point is (0, 0), so it is 0 when none is).
     """
     fpr, tpr, _ = roc_curve(scores, is_member)
-    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
     acc = float(np.max((tpr + 1 - fpr) / 2))
-    out = {}
-    for a in fprs:
-        a = float(a)
-        below = np.flatnonzero(fpr < a)
-        out[a] = float(tpr[below[-1]]) if below.size else 0.0
-    return {"auc": auc, "accuracy": acc, "tpr_at_fpr": out}
+    at = {float(a): tpr_at_fpr(fpr, tpr, float(a)) for a in fprs}
+    return {"auc": roc_auc(fpr, tpr), "accuracy": acc, "tpr_at_fpr": at}

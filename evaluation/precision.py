@@ -36,6 +36,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
+from .lira import roc_auc, roc_curve, tpr_at_fpr
+
 __all__ = ["assign_groups", "jackknife_se", "t_interval", "models_needed", "equal_count_f", "jackknife_stat",
            "roc_jackknife", "Z95", "JACKKNIFE_GROUPS", "DRAW_GROUPS"]
 
@@ -159,12 +161,14 @@ def equal_count_f(stat: Callable, r: np.ndarray, group_r: np.ndarray, n_groups: 
 
 
 def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid: np.ndarray) -> dict:
-    """Pooled ROC figures and their standard errors from a two-way delete-a-group jackknife, from one sort.
+    """Pooled ROC figures and their standard errors from a two-way delete-a-group jackknife, from one ROC curve.
 
     scores, member: 1-D over (target, example) cells.  ``groupings``: a list of (group[cell], G), e.g. the
     cell's target-pair group and its example group.  For all cells and for every replicate without one group:
     AUC (trapezoid over the full ROC, ties counted 1/2), TPR at each FPR a of ``fprs`` (the last ROC point with
     FPR < a, as roc_metrics) and the TPR on ``grid`` (the last ROC point with FPR <= x, for a band).
+    The full ROC is computed once (evaluation.lira.roc_curve, sklearn's); a replicate counts its cells per
+    point of that curve (a point with none of its cells left repeats the one before, which changes no figure).
     SE^2 = the sum over groupings of their jackknife variances: targets and examples are crossed, and the
     scores of one target depend on the others as references, which a jackknife over targets alone misses
     (scripts/check_statistics.py: its 95% intervals covered 0.80-0.83 of no-signal worlds at 8 to 32
@@ -173,30 +177,29 @@ def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid:
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(member, dtype=bool)
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), s.size - 1]  # last cell of each distinct score
+    fpr, tpr, thresholds = roc_curve(s, y)
+    point = np.searchsorted(-thresholds[1:], -s)  # the curve point (after the first) each cell's score opens
+    n_points = thresholds.size - 1
 
-    def figures(keep):
-        tp = np.cumsum(y_sorted & keep)[last]
-        fp = np.cumsum(~y_sorted & keep)[last]
-        n_pos, n_neg = tp[-1], fp[-1]
-        tpr = np.r_[0.0, tp / n_pos]
-        fpr = np.r_[0.0, fp / n_neg]
-        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-        at = [float(tpr[np.flatnonzero(fpr < a)[-1]]) for a in fprs]
+    def figures(fpr, tpr):
+        at = [tpr_at_fpr(fpr, tpr, a) for a in fprs]
         band = tpr[np.searchsorted(fpr, grid, side="right") - 1]
-        return np.r_[auc, at, band]
+        return np.r_[roc_auc(fpr, tpr), at, band]
 
-    full = figures(np.ones(s.size, dtype=bool))
+    def replicate(keep):
+        tp = np.cumsum(np.bincount(point[y & keep], minlength=n_points))
+        fp = np.cumsum(np.bincount(point[~y & keep], minlength=n_points))
+        return figures(np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]])
+
+    full = figures(fpr, tpr)
     k = len(fprs)
     out = {"auc": float(full[0]), "tpr_at_fpr": dict(zip(fprs, full[1:1 + k].tolist())), "grid_tpr": full[1 + k:]}
     var, dofs = np.zeros_like(full), []
     for group, n_groups in groupings:
         if n_groups < 2:
             continue
-        g_sorted = np.asarray(group)[order]
-        var += jackknife_se(np.array([figures(g_sorted != g) for g in range(n_groups)])) ** 2
+        group = np.asarray(group)
+        var += jackknife_se(np.array([replicate(group != g) for g in range(n_groups)])) ** 2
         dofs.append(n_groups - 1)
     if dofs:
         se = np.sqrt(var)

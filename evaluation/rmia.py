@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 
-from .vulnerability import _check_partner
+from .vulnerability import check_partner
 
 __all__ = ["rmia_scores", "rmia_leave_one_out", "rmia_leave_pair_out"]
 
@@ -152,7 +152,7 @@ def rmia_leave_pair_out(conf, shadow_in, partner, pop_conf=None, *, a: float = 0
         raise ValueError(f"a must lie in [0, 1], got {a}")
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    pt = _check_partner(partner, mask)
+    pt = check_partner(partner, mask)
     varies = (pt != pt[:, :1]).any(1)
     if varies.any():
         raise ValueError(f"rmia_leave_pair_out needs one partner per shadow; partner row {int(np.argmax(varies))} "

@@ -3,8 +3,9 @@
 For every example e, the N_u unlearned and N_r retrained confidences are compared with the
 two-sided Kolmogorov-Smirnov test (D = sup_t |F_u(t) - F_r(t)|) and the two-sided Mann-Whitney U
 test (U = #{(i, j): u_i > r_j} + #{u_i = r_j} / 2), both from scipy.stats vectorized over examples
-(axis=0).  The p-values of all examples are corrected with Benjamini-Hochberg at level q: sort the m
-p-values p_(1) <= ... <= p_(m), find the largest k with p_(k) <= k q / m and reject the k smallest.
+(axis=0).  The p-values of all examples are corrected with Benjamini-Hochberg at level q (scipy's
+false_discovery_control): sort the m p-values p_(1) <= ... <= p_(m), find the largest k with
+p_(k) <= k q / m and reject the k smallest.
 The reported fraction is the share of examples whose distributions differ (rejected).
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ __all__ = ["benjamini_hochberg", "per_example_tests"]
 def benjamini_hochberg(pvalues, q: float = 0.05) -> np.ndarray:
     """Benjamini-Hochberg step-up procedure -> bool[m], True where the null is rejected.
 
-    Rejects the k smallest p-values, k = max{i : p_(i) <= i q / m} (none when no such i).
+    Rejects the k smallest p-values, k = max{i : p_(i) <= i q / m} (none when no such i): the adjusted
+    p-values of scipy.stats.false_discovery_control(method="bh"), min_{j >= i} p_(j) m / j, are <= q for
+    exactly those (in floating point the two forms can disagree only for a p-value within rounding of j q / m).
     """
     p = np.asarray(pvalues, dtype=np.float64)
     if p.ndim != 1:
@@ -27,15 +30,9 @@ def benjamini_hochberg(pvalues, q: float = 0.05) -> np.ndarray:
         raise ValueError("pvalues must lie in [0, 1] without NaN")
     if not (0 < q < 1):
         raise ValueError(f"q must lie in (0, 1), got {q}")
-    m = p.size
-    reject = np.zeros(m, dtype=bool)
-    if m == 0:
-        return reject
-    order = np.argsort(p, kind="stable")
-    ok = np.flatnonzero(p[order] <= q * np.arange(1, m + 1) / m)
-    if ok.size:
-        reject[order[: ok[-1] + 1]] = True
-    return reject
+    if p.size == 0:
+        return np.zeros(0, dtype=bool)
+    return stats.false_discovery_control(p, method="bh") <= q
 
 
 def per_example_tests(unlearned, retrained, q: float = 0.05, *, ks_method: str = "auto") -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ulira_attack", "ulira_accuracy"]
+__all__ = ["ulira_attack", "ulira_accuracy", "group_folds"]
 
 _GUARD = 1e-30
 
@@ -43,7 +43,7 @@ def _group_ids(groups, n, name):
     return ids.reshape(n), int(ids.max()) + 1 if n else 0
 
 
-def _folds(rng, ids, n_groups, folds):
+def group_folds(rng, ids, n_groups, folds):
     """Shuffle the groups, deal them into ``folds`` folds (np.array_split) -> model indices per fold."""
     fold_of_group = np.empty(n_groups, dtype=np.int64)
     for k, part in enumerate(np.array_split(rng.permutation(n_groups), folds)):
@@ -88,8 +88,8 @@ def ulira_attack(unlearned, retrained, *, folds: int = 2, seed: int = 0, groups_
         if not np.isfinite(a).all():
             raise ValueError(f"{name} has {int((~np.isfinite(a)).sum())} NaN or infinite values")
     rng = np.random.default_rng(seed)
-    fu = _folds(rng, *ids["unlearned"], folds)
-    fr = _folds(rng, *ids["retrained"], folds)
+    fu = group_folds(rng, *ids["unlearned"], folds)
+    fr = group_folds(rng, *ids["retrained"], folds)
     correct_u = np.zeros(u.shape[1])
     correct_r = np.zeros(u.shape[1])
     for k in range(folds):

@@ -1,23 +1,30 @@
-"""The `ufarm` command line: run, status, demo (and evaluate, tune where installed).
+"""The `ufarm` command line: run, plan, status, demo, tune, evaluate, export, methods, presets.
 
 Bad input ends with one line on stderr (`ufarm: error: ...`) and exit status 2, before anything is written.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 
-from farm.data import DataError
+from farm import __version__
+from farm.data import DataError, load_dataset
+from farm.export import add_parser as add_export
+from farm.export import cmd_export
+from farm.plan import make_plan
 from farm.settings import SettingsError, redact
-from farm.spec import SpecError, load_spec
+from farm.spec import SpecError, load_spec, preset_names
+from farm.status import plan_summary, summarize
 from farm.store import RunStore, StoreError
 
 DEFAULT_DEMO_STORE = "runs/digits-demo"
 USER_ERRORS = (SpecError, DataError, StoreError, SettingsError)
+log = logging.getLogger("ufarm")
 INTERRUPTED = "ufarm: interrupted; models already committed stay, re-run the same command to resume"
 
 
@@ -35,11 +42,28 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_store(p: argparse.ArgumentParser, *, positional: bool = False, default: str | None = None) -> None:
+    """Every subcommand takes the store as --store URI; status, evaluate and export also as their first
+    positional argument (their historical form)."""
+    p.add_argument("--store", dest="store_opt", metavar="URI", default=default,
+                   help="run store: a folder, file://... or s3://bucket/prefix"
+                        + (f" (default: {default})" if default else ""))
+    if positional:
+        p.add_argument("store_pos", nargs="?", metavar="STORE", help="the run store (same as --store)")
+
+
+def _add_executor(p: argparse.ArgumentParser, what: str = "train") -> None:
+    p.add_argument("--executor", choices=("ray", "local"), default=None,
+                   help=f"ray (default): {what} with Ray actors on RAY_ADDRESS / --address, else a local Ray; "
+                        f"local: {what} in this process, without Ray")
+    p.add_argument("--local", action="store_true", help=argparse.SUPPRESS)  # deprecated alias of --executor local
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started on demand)")
-    p.add_argument("--max-workers", type=int, help="at most this many Ray workers (default: as many as fit)")
-    p.add_argument("--local", action="store_true", help="train in a plain in-process loop, without Ray")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    _add_executor(p)
+    p.add_argument("--max-workers", type=int, help="at most this many Ray workers (default: as many as fit)")
     p.add_argument("--verify", action="store_true",
                    help="check every committed logits file's sha256 first and retrain models that fail it")
     p.add_argument("--wait-for-resources", type=float, metavar="SECONDS", default=None,
@@ -47,28 +71,49 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "autoscaler to add one before failing (default: 900 on an autoscaling cluster, else 0)")
 
 
+def _sub(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ufarm", description="Reference-model farm for judging machine unlearning.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="train every model of SPEC that the store does not hold yet")
+    ap = argparse.ArgumentParser(
+        prog="ufarm", description="Reference-model farm for judging machine unlearning.",
+        epilog="examples:\n  ufarm demo\n  ufarm run digits-demo --store runs/digits-demo\n"
+               "  ufarm evaluate --store runs/digits-demo\n\n`ufarm COMMAND --help` shows each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"ufarm {__version__}")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-v info, -vv debug)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _sub(sub, "run", "train every model of SPEC that the store does not hold yet",
+             "  ufarm run digits-demo --store runs/digits-demo\n"
+             "  ufarm run my.yaml --store s3://bucket/runs/a --address ray://head:10001\n"
+             "  ufarm run my.yaml --store runs/a --executor local    # no Ray")
     p.add_argument("spec", help="a YAML spec path or a preset name (ufarm presets)")
-    p.add_argument("--store", required=True, help="run store URI: a folder, file://... or s3://bucket/prefix")
+    _add_store(p)
     _add_run_options(p)
-    p = sub.add_parser("status", help="models per role: planned, done, missing, failed")
-    p.add_argument("store", help="run store URI")
-    p = sub.add_parser("demo", help="run the digits-demo preset end to end and summarize it")
-    p.add_argument("--store", default=DEFAULT_DEMO_STORE, help=f"run store URI (default: {DEFAULT_DEMO_STORE})")
+    p = _sub(sub, "plan", "what `ufarm run SPEC` would train, writing nothing",
+             "  ufarm plan digits-demo\n  ufarm plan my.yaml --store runs/a    # with done models and a time estimate")
+    p.add_argument("spec", help="a YAML spec path or a preset name")
+    _add_store(p)
+    p = _sub(sub, "status", "models per role: planned, done, missing, failed",
+             "  ufarm status --store runs/digits-demo")
+    _add_store(p, positional=True)
+    p = _sub(sub, "demo", "run the digits-demo preset end to end, then evaluate it",
+             "  ufarm demo\n  ufarm demo --store /tmp/demo --executor local")
+    _add_store(p, default=DEFAULT_DEMO_STORE)
     _add_run_options(p)
-    p = sub.add_parser("tune", help="Ray Tune search over an unlearning method's hyper-parameters (docs/tune.md)")
-    p.add_argument("spec", help="a YAML spec with a tune section, or a preset name (e.g. digits-tune)")
-    p.add_argument("--store", required=True, help="run store URI holding the run's originals and retrain models")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started on demand)")
+    p = _sub(sub, "tune", "Ray Tune search over an unlearning method's hyper-parameters (docs/tune.md)",
+             "  ufarm demo --store runs/digits-demo\n  ufarm tune digits-tune --store runs/digits-demo\n"
+             "  ufarm tune search.yaml --store runs/a --restart")
+    p.add_argument("spec", help="a tune spec (only its search; the run comes from the store) or a preset name")
+    _add_store(p)
+    _add_executor(p, what="train missing reference models")
     p.add_argument("--restart", action="store_true", help="start the search afresh instead of resuming it")
-    p.add_argument("--local", action="store_true", help="train missing reference models in-process, not with Ray")
-    p.add_argument("--no-progress", action="store_true", help="no Tune status tables or progress bars")
-    sub.add_parser("presets", help="list the specs shipped with the package")
-    p = sub.add_parser("evaluate", help="LiRA/RMIA, the competition's forgetting score, tests and a report")
-    p.add_argument("store", help="run store URI")
+    p = _sub(sub, "evaluate", "LiRA/RMIA, the competition's forgetting score, tests and a report",
+             "  ufarm evaluate --store runs/digits-demo\n"
+             "  ufarm evaluate --store runs/a --method finetune --out report-finetune/")
+    _add_store(p, positional=True)
     p.add_argument("--method", help="only this unlearning method (its name or <method>-<hparams hash>)")
     p.add_argument("--out", help="report folder or URI (default: <run>/report/)")
     p.add_argument("--n-boot", type=int, default=None,
@@ -78,10 +123,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rmia-a", type=float, default=None, help="RMIA's offline a (default 0.3)")
     p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA's likelihood-ratio threshold (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
+    add_export(sub)
+    p = _sub(sub, "methods", "the built-in unlearning methods: parameters, defaults, ranges and sources",
+             "  ufarm methods\n  ufarm methods --json")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _sub(sub, "presets", "list the specs shipped with the package", "  ufarm presets")
     return ap
 
 
+def store_of(args, required: bool = True) -> str | None:
+    """The store named by --store or by the positional STORE (never two different ones)."""
+    opt, pos = getattr(args, "store_opt", None), getattr(args, "store_pos", None)
+    if opt and pos and opt != pos:
+        raise SpecError(f"two stores given: {pos!r} and --store {opt!r}; give one")
+    store = pos or opt
+    if not store and required:
+        raise SpecError(f"ufarm {args.command} needs a store: --store URI")
+    return store
+
+
+def executor_of(args) -> str:
+    if getattr(args, "local", False):
+        if args.executor == "ray":
+            raise SpecError("--local and --executor ray contradict each other; give one")
+        print("ufarm: warning: --local is deprecated and will be removed in the next release; use --executor local",
+              file=sys.stderr)
+        return "local"
+    return args.executor or "ray"
+
+
 def cmd_evaluate(args) -> int:
+    # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
     from evaluation.report import evaluate_store, summary_lines
 
     kw = {k: v for k, v in (("n_boot", args.n_boot), ("max_examples", args.max_examples),
@@ -92,6 +165,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_run(spec_arg: str, args) -> int:
+    # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
     from farm.run import prepare_run, run_local, run_ray
 
     spec = load_spec(spec_arg)
@@ -100,16 +174,17 @@ def cmd_run(spec_arg: str, args) -> int:
           f"{len(prep.done)} already done, {len(prep.pending)} to train", flush=True)
     progress = not args.no_progress
     workers = spec.resources.workers_per_model
-    if workers > 1 and not args.local:
-        from farm.run.data_parallel import run_distributed
+    if workers > 1 and args.executor == "ray":
+        # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
         from farm.run import check_cluster_fits, ensure_ray
+        from farm.run.data_parallel import run_distributed
 
         if prep.pending:  # a request no node can ever hold would wait forever
             ensure_ray(args.address)
             check_cluster_fits(spec, args.wait_for_resources)
         result = run_distributed(prep, workers, use_gpu=spec.resources.gpus > 0, progress=progress,
                                  address=args.address)
-    elif args.local:
+    elif args.executor == "local":
         result = run_local(prep, progress=progress)
     else:
         result = run_ray(prep, address=args.address, max_workers=args.max_workers, progress=progress,
@@ -124,9 +199,52 @@ def cmd_run(spec_arg: str, args) -> int:
     return 1 if result.failed else 0
 
 
-def print_status(uri: str) -> dict:
-    from farm.status import summarize
+def cmd_plan(args) -> int:
+    """A dry run: the plan of SPEC per role, what the store already holds, and the model-seconds left."""
+    spec = load_spec(args.spec)
+    dataset = load_dataset(spec.dataset, spec.seed)
+    plan = make_plan(spec, dataset.split, dataset.labels, dataset.groups)
+    store = None
+    if args.store:
+        store = RunStore(args.store)
+        store.check_reachable()
+    s = plan_summary(plan.jobs, store)
+    print(f"plan of {spec.name!r} on {dataset.name} ({len(dataset.labels)} examples, forget set "
+          f"{int(plan.forget.sum())}){f' against {store.uri}' if store else ''}:")
+    print(f"{'role':<10} {'planned':>8} {'done':>8} {'pending':>8} {'s/model':>9} {'s left':>9}")
+    for role, row in s["roles"].items():
+        each = "-" if row["seconds_each"] is None else f"{row['seconds_each']:.2f}"
+        left = "-" if row["seconds_left"] is None else f"{row['seconds_left']:.0f}"
+        print(f"{role:<10} {row['planned']:>8} {row['done']:>8} {row['pending']:>8} {each:>9} {left:>9}")
+    known = [r["seconds_left"] for r in s["roles"].values() if r["seconds_left"] is not None]
+    if known:
+        print(f"about {sum(known):.0f} model-seconds left (one worker; from the timings of {s['timed_from']} "
+              "committed models; roles without timings not counted)")
+    print("nothing was written")
+    return 0
 
+
+def cmd_methods(args) -> int:
+    # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
+    from farm.train.methods import describe_methods
+
+    methods = describe_methods()
+    if args.json:
+        print(json.dumps(methods, indent=2, default=str))
+        return 0
+    for name, m in methods.items():
+        print(f"{name}: {m['doc']}  [{m['source']}]")
+        for pname, p in m["space"].items():
+            bounds = (f" in [{p['low']:g}, {p['high']:g}]{' (log)' if p.get('log') else ''}"
+                      if p.get("low") is not None and p.get("high") is not None else "")
+            choices = f" one of {p['choices']}" if p.get("choices") else ""
+            grid = f"; tune grid {p['grid']}" if p.get("grid") else ""
+            print(f"    {pname} ({p['type']}): default {p['default']!r}{bounds}{choices}{grid}")
+    print("user methods: `module:function` or `path/file.py:function` in a spec (docs/methods.md)")
+    return 0
+
+
+def print_status(uri: str) -> dict:
     s = summarize(RunStore(uri))
     m = s["manifest"]
     print(f"run store: {s['store']}")
@@ -151,9 +269,7 @@ def cmd_demo(args) -> int:
     rc = cmd_run("digits-demo", args)
     print()
     s = print_status(args.store)
-    from farm.store import RunStore as _Store
-
-    markers = _Store(args.store).markers()
+    markers = RunStore(args.store).markers()
     print("\nmean accuracy per role (plain query):")
     for role in s["roles"]:
         accs = [mk["accuracy"] for mk in markers.values() if mk["role"] == role]
@@ -164,8 +280,9 @@ def cmd_demo(args) -> int:
                 parts.append(f"{split} {sum(vals) / len(vals):.3f}")
             print(f"  {role:<10} " + "  ".join(parts))
     where = args.store if "://" in args.store else os.path.abspath(args.store)
-    print(f"\nthe run is in {where}  (ufarm status {args.store})")
+    print(f"\nthe run is in {where}  (ufarm status --store {args.store})")
     if rc == 0:  # the demo ends with what users publish: the evaluation's headline figures
+        # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
         from evaluation.report import evaluate_store, summary_lines
 
         print("\nevaluation (ufarm evaluate):")
@@ -178,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ufarm: %(message)s")
     ufarm_log = logging.getLogger("ufarm")
+    ufarm_log.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     if not any(isinstance(f, _RedactFilter) for f in ufarm_log.filters):
         ufarm_log.addFilter(_RedactFilter())
     old_sigterm = None
@@ -203,8 +321,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if hasattr(args, "split_args"):  # a command whose positional arguments say where the store is
+        args.split_args(args)
+    if hasattr(args, "store_opt"):
+        args.store = store_of(args, required=args.command != "plan")
+    if hasattr(args, "executor"):
+        args.executor = executor_of(args)
     if args.command == "run":
         return cmd_run(args.spec, args)
+    if args.command == "plan":
+        return cmd_plan(args)
     if args.command == "status":
         print_status(args.store)
         return 0
@@ -212,13 +338,17 @@ def _dispatch(args) -> int:
         return cmd_demo(args)
     if args.command == "evaluate":
         return cmd_evaluate(args)
+    if args.command == "export":
+        # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
+        return cmd_export(args)
     if args.command == "tune":
-        from farm.run.tune import cmd_tune
+        from farm.run.tune import cmd_tune  # imports Ray Tune: only for this command
 
         return cmd_tune(args)
+    if args.command == "methods":
+        return cmd_methods(args)
     if args.command == "presets":
-        from farm.spec import preset_names
-
+        # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
         print("\n".join(preset_names()))
         return 0
     return 0

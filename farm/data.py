@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from farm.spec import DATASETS, DatasetSpec
 
@@ -384,10 +387,6 @@ def _read_npz(file: Path):
 
 
 def _read_parquet(file: Path, image_shape: tuple[int, ...] | None):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     where = f"arrays file {file}"
     if image_shape is None:
         raise DataError(f"{where}: dataset.image_shape [C, H, W] is required for Parquet (images are flattened)")

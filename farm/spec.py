@@ -123,6 +123,40 @@ class ResourceSpec:
     gpu_kernels: str = "deterministic"
 
 
+TUNE_SEARCHES = ("grid", "random", "optuna")
+TUNE_SCHEDULERS = ("fifo", "asha")
+
+
+@dataclass(frozen=True)
+class TuneResources:
+    cpus: float = 1.0  # per trial
+    gpus: float = 0.0  # per trial; fractions pack several trials on one GPU
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """The `tune` section: a Ray Tune search over one unlearning method's hyper-parameters (docs/tune.md).
+    Checked here field by field; farm.run.tune.space checks `params` against the method's declared space."""
+    method: str = "finetune"  # default: the spec's first unlearn method, else finetune
+    params: dict = field(default_factory=dict)  # name -> list (grid/choice) | {low, high, log} | scalar (fixed)
+    models: int = 32  # K: unlearned models per trial
+    search: str = "grid"
+    samples: int = 8  # trials of a random / optuna search
+    scheduler: str = "fifo"
+    grace_models: int = 4  # ASHA: models every trial makes before it can be stopped
+    report_every: int = 0  # models between reports to Tune; 0: once at the end (fifo), grace_models (asha)
+    max_concurrent: int = 0  # 0: as many trials as the cluster's resources fit
+    resources: TuneResources = TuneResources()
+    storage_path: str | None = None  # default <run>/tune
+    name: str | None = None  # the search's folder; default <method>-<search>
+    seed: int = 0  # random/optuna sampler seed; non-zero also makes new replicates (a `seed` hparam)
+    baseline: bool = True  # also score the method's default hyper-parameters, for comparison
+
+    @property
+    def search_name(self) -> str:
+        return self.name or f"{method_label(self.method)}-{self.search}"
+
+
 @dataclass(frozen=True)
 class Spec:
     name: str = "unnamed"
@@ -139,7 +173,7 @@ class Spec:
     max_retries: int = 2
     # unlearned models slower than this fraction of the mean retrain time are marked over_time_cutoff
     time_cutoff: float | None = None
-    tune: dict = field(default_factory=dict)  # the `ufarm tune` section, checked by farm.run.tune
+    tune: TuneSpec | None = None  # the `ufarm tune` section (docs/tune.md)
 
     def count(self, role: str) -> int:
         return int(self.counts.get(role, 0))
@@ -169,8 +203,13 @@ def preset_names() -> list[str]:
 
 def load_spec(spec: str | Path | dict) -> Spec:
     """A spec from a dict, a YAML path, or the name of a preset shipped in farm/presets."""
+    return spec_from_dict(load_spec_dict(spec))
+
+
+def load_spec_dict(spec: str | Path | dict) -> dict:
+    """The raw mapping of a spec (a dict, a YAML path or a preset's name), before any checks of its fields."""
     if isinstance(spec, dict):
-        return spec_from_dict(spec)
+        return spec
     text = str(spec)
     path = Path(text)
     if path.is_file():
@@ -183,7 +222,7 @@ def load_spec(spec: str | Path | dict) -> Spec:
         raise SpecError(f"unknown preset {text!r}; presets: {', '.join(preset_names())} (or give a YAML path)")
     if not isinstance(raw, dict):
         raise SpecError(f"spec {text!r} must be a YAML mapping, got {type(raw).__name__}")
-    return spec_from_dict(raw)
+    return raw
 
 
 def _parse_yaml(read, text: str):
@@ -256,12 +295,52 @@ def _coerce(value, default, where):
     return value
 
 
-def _tune_section(raw) -> dict:
-    if raw is None:
-        return {}
+def _at_least(value, where: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SpecError(f"{where} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _tune_section(raw, unlearn: list) -> TuneSpec | None:
+    """The typed `tune` section, or None when the spec has none (an empty mapping is none too)."""
+    if raw is None or raw == {}:
+        return None
+    if isinstance(raw, TuneSpec):
+        return raw
     if not isinstance(raw, dict):
         raise SpecError(f"tune must be a mapping (see docs/tune.md), got {raw!r}")
-    return dict(raw)
+    raw = dict(raw)
+    res = raw.pop("resources", None) or {}
+    if isinstance(res, TuneResources):
+        res = dataclasses.asdict(res)
+    if not isinstance(res, dict) or set(res) - {"cpus", "gpus"}:
+        raise SpecError(f"tune.resources must be a mapping with cpus and/or gpus, got {res!r}")
+    if raw.get("method") is None:
+        raw["method"] = unlearn[0].method if unlearn else "finetune"
+    params = raw.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise SpecError(f"tune.params must be a mapping of hyper-parameter to values, got {params!r}")
+    ts = _build(TuneSpec, {**raw, "params": dict(params or {})}, "tune")
+    ts = dataclasses.replace(ts, method=str(ts.method), resources=_build(TuneResources, res, "tune.resources"))
+    _at_least(ts.models, "tune.models", 2)
+    _at_least(ts.samples, "tune.samples", 1)
+    _at_least(ts.grace_models, "tune.grace_models", 2)
+    for name in ("report_every", "max_concurrent", "seed"):
+        _at_least(getattr(ts, name), f"tune.{name}", 0)
+    if ts.search not in TUNE_SEARCHES:
+        raise SpecError(f"tune.search {ts.search!r} is unknown; allowed: {', '.join(TUNE_SEARCHES)}")
+    if ts.scheduler not in TUNE_SCHEDULERS:
+        raise SpecError(f"tune.scheduler {ts.scheduler!r} is unknown; allowed: {', '.join(TUNE_SCHEDULERS)}")
+    if ts.name is not None and (not isinstance(ts.name, str) or not ts.name or "/" in ts.name):
+        raise SpecError(f"tune.name must be a folder name without '/', got {ts.name!r}")
+    if ts.storage_path is not None and not isinstance(ts.storage_path, str):
+        raise SpecError(f"tune.storage_path must be a path or s3:// URI, got {ts.storage_path!r}")
+    r = ts.resources
+    if not r.cpus > 0:
+        raise SpecError(f"tune.resources.cpus must be a positive number, got {r.cpus!r}")
+    if r.gpus < 0 or (r.gpus > 1 and r.gpus != int(r.gpus)):
+        raise SpecError(f"tune.resources.gpus must be a fraction in [0, 1] or a whole number, got {r.gpus}")
+    return ts
 
 
 def spec_from_dict(raw: dict) -> Spec:
@@ -308,7 +387,7 @@ def spec_from_dict(raw: dict) -> Spec:
         resources=_build(ResourceSpec, raw.get("resources"), "resources"),
         max_retries=_coerce(max_retries, 0, "max_retries"),
         time_cutoff=_coerce(raw.get("time_cutoff"), 0.0, "time_cutoff"),
-        tune=_tune_section(raw.get("tune")),
+        tune=_tune_section(raw.get("tune"), unlearn),
     )
     validate(spec)
     return spec

@@ -1,4 +1,5 @@
-"""`ufarm status`: what a store holds against what its spec plans, from the store alone (no dataset)."""
+"""`ufarm status` and `ufarm plan`: what a store holds against what its spec plans (from the store alone,
+no dataset), and what a run would train, with a time estimate from the store's own timings."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,3 +37,21 @@ def summarize(store: RunStore) -> dict:
             "failed": {m: f["error"] for m, f in failures.items() if m not in markers},
             "other_models": extra}
 
+
+
+def plan_summary(plan_jobs, store: RunStore | None) -> dict:
+    """Models per role that a run would plan, those the store already holds, and an estimate of the
+    model-seconds still to train: per role, the pending count times the mean `seconds` of the store's
+    committed models of that role (None where the store has none to go by)."""
+    markers = store.intact_models() if store is not None and store.read_manifest() is not None else {}
+    roles: dict[str, dict] = {}
+    for job in plan_jobs:
+        row = roles.setdefault(job.role, {"planned": 0, "done": 0, "pending": 0})
+        row["planned"] += 1
+        row["done" if job.model_id in markers else "pending"] += 1
+    for role, row in roles.items():
+        times = [m["seconds"] for m in markers.values()
+                 if m.get("role") == role and isinstance(m.get("seconds"), (int, float))]
+        row["seconds_each"] = float(np.mean(times)) if times else None
+        row["seconds_left"] = row["pending"] * row["seconds_each"] if times else None
+    return {"roles": roles, "timed_from": sum(1 for m in markers.values() if isinstance(m.get("seconds"), (int, float)))}

@@ -27,8 +27,9 @@ import torch  # noqa: E402
 
 from farm.train.methods import get_method  # noqa: E402
 from farm.run import prepare_run, run_local  # noqa: E402
-from farm.spec import load_spec  # noqa: E402
-from farm.run.tune import param_space, parse_tune, prepare_setup, score_hparams, trial_hparams  # noqa: E402
+from farm.spec import load_spec, load_spec_dict  # noqa: E402
+from farm.run.tune import (is_search_only, merge_search, param_space, parse_tune, prepare_setup,  # noqa: E402
+                           score_hparams, trial_hparams)
 
 
 def main() -> int:
@@ -37,13 +38,16 @@ def main() -> int:
     ap.add_argument("--models", type=int, help="K: models per trial and retrained models (default: tune.models)")
     ap.add_argument("--hparams", default=None, help="JSON hparams of the trial (default: the method's defaults)")
     ap.add_argument("--store", help="scratch store (default: a temporary folder)")
+    ap.add_argument("--run", default="digits-demo", help="the run a search-only spec completes from "
+                                                         "(default: digits-demo)")
     args = ap.parse_args()
 
-    spec = load_spec(args.spec)
+    raw = load_spec_dict(args.spec)
+    spec = merge_search(raw, load_spec_dict(args.run)) if is_search_only(raw) else load_spec(args.spec)
     ts = parse_tune(spec)
     k = args.models or ts.models
     ts = dataclasses.replace(ts, models=k)
-    threads = max(1, int(ts.cpus))
+    threads = max(1, int(ts.resources.cpus))
     store = args.store or tempfile.mkdtemp(prefix="bench-tune-")
     base = dataclasses.replace(spec, unlearn=(), counts={"original": spec.count("original"), "retrain": k})
 

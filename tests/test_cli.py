@@ -67,7 +67,7 @@ def test_run_resume_and_determinism(ray_address, tiny_spec_file, tmp_path):
     fixed = ufarm("run", tiny_spec_file, "--store", a, "--no-progress", "--verify", env=env)
     assert "6 already done, 1 to train" in fixed.stdout and fixed.returncode == 0
     # the same spec and seed in another store, and with the plain in-process loop: identical conf bytes
-    assert ufarm("run", tiny_spec_file, "--store", b, "--local", "--no-progress").returncode == 0
+    assert ufarm("run", tiny_spec_file, "--store", b, "--executor", "local", "--no-progress").returncode == 0
     ca, cb = _conf_bytes(str(a)), _conf_bytes(str(b))
     assert sorted(ca) == sorted(cb) and len(ca) == 7
     assert all(ca[m] == cb[m] for m in ca)
@@ -229,7 +229,7 @@ def test_bad_input_one_line_and_nothing_written(args, needle, tmp_path, capsys):
 
 def test_store_with_another_spec_is_refused(ray_address, tiny_spec_file, tmp_path, capsys):
     store = tmp_path / "run"
-    assert main(["run", str(tiny_spec_file), "--store", str(store), "--local", "--no-progress"]) == 0
+    assert main(["run", str(tiny_spec_file), "--store", str(store), "--executor", "local", "--no-progress"]) == 0
     before = _snapshot(store)
     other = copy.deepcopy(TINY_SPEC)
     other["seed"] = 4
@@ -250,3 +250,52 @@ def test_s3_bad_endpoint_and_missing_bucket(s3_server, tiny_spec_file, capsys, m
     monkeypatch.setenv("UFARM_S3_ATTEMPTS", "1")
     assert main(["run", str(tiny_spec_file), "--store", "s3://b/run"]) == 2
     assert "cannot reach the S3 store s3://b/run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the CLI's own habits
+
+def test_version_methods_and_help_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("ufarm ")
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "finetune: Fine-tune on the retain set only" in out and "lr (float): default 0.01" in out
+    assert main(["methods", "--json"]) == 0
+    methods = json.loads(capsys.readouterr().out)
+    assert methods["finetune"]["space"]["epochs"]["default"] == 2
+    for command in ("run", "plan", "status", "demo", "tune", "evaluate", "export", "methods", "presets"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "examples:\n  ufarm " in capsys.readouterr().out, command
+
+
+def test_plan_writes_nothing_and_estimates_from_the_store(tiny_spec_file, tmp_path, capsys):
+    store = tmp_path / "run"
+    tiny_spec_file = str(tiny_spec_file)
+    assert main(["plan", tiny_spec_file]) == 0
+    out = capsys.readouterr().out
+    assert ["original", "1", "0", "1", "-", "-"] in [ln.split() for ln in out.splitlines()]
+    assert "nothing was written" in out
+    assert main(["run", tiny_spec_file, "--store", str(store), "--executor", "local", "--no-progress"]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in store.rglob("*"))
+    assert main(["plan", tiny_spec_file, "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert ["original", "1", "1", "0"] in [ln.split()[:4] for ln in out.splitlines()]
+    assert "about 0 model-seconds left" in out
+    assert sorted(p.name for p in store.rglob("*")) == before
+    assert not (tmp_path / "other").exists()
+
+
+def test_store_is_given_the_same_way_everywhere_and_local_is_deprecated(tiny_spec_file, tmp_path, capsys):
+    store, tiny_spec_file = str(tmp_path / "run"), str(tiny_spec_file)
+    assert main(["run", tiny_spec_file, "--store", store, "--local", "--no-progress"]) == 0
+    assert "--local is deprecated" in capsys.readouterr().err
+    assert main(["status", "--store", store]) == 0 and main(["status", store]) == 0
+    capsys.readouterr()
+    assert main(["status", store, "--store", str(tmp_path / "other")]) == 2
+    assert "two stores given" in capsys.readouterr().err
+    assert main(["status"]) == 2 and "needs a store: --store URI" in capsys.readouterr().err
+    assert main(["run", tiny_spec_file, "--store", store, "--local", "--executor", "ray"]) == 2
+    assert "contradict" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def test_s3_throttling_is_retried_and_nothing_is_lost(bucket, throttling_proxy, 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     uri = f"s3://{bucket}/throttled"
-    assert main(["run", str(path), "--store", uri, "--local", "--no-progress"]) == 0
+    assert main(["run", str(path), "--store", uri, "--executor", "local", "--no-progress"]) == 0
     assert throttling_proxy.throttled == 5 and throttling_proxy.puts > 5
     store = RunStore(uri)
     assert len(store.intact_models()) == 7
@@ -113,7 +113,7 @@ def test_s3_throttling_is_retried_and_nothing_is_lost(bucket, throttling_proxy, 
     # a second run over the same throttling endpoint rewrites nothing
     before = {m: mk["sha256"] for m, mk in store.markers().items()}
     throttling_proxy.remaining = 3
-    assert main(["run", str(path), "--store", uri, "--local", "--no-progress"]) == 0
+    assert main(["run", str(path), "--store", uri, "--executor", "local", "--no-progress"]) == 0
     assert {m: mk["sha256"] for m, mk in store.markers().items()} == before
 
 

@@ -154,7 +154,7 @@ def test_counts_beyond_the_maximum_are_refused_at_once(change, needle, tmp_path,
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(d))
     store = tmp_path / "store"
-    assert main(["run", str(path), "--store", str(store), "--local"]) == 2
+    assert main(["run", str(path), "--store", str(store), "--executor", "local"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ufarm: error: ") and err.count("\n") == 1 and needle in err
     assert not store.exists() and time.perf_counter() - started < 30
@@ -267,7 +267,7 @@ def test_a_method_that_swallows_the_interrupt_ends_the_local_run(tmp_path):
     spec.write_text(yaml.safe_dump(_unlearn_spec(tmp_path, SWALLOWS, time_limit=1)))
     store = tmp_path / "run"
     started = time.perf_counter()
-    r = ufarm("run", spec, "--store", store, "--local", "--no-progress", timeout=240)
+    r = ufarm("run", spec, "--store", store, "--executor", "local", "--no-progress", timeout=240)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "could not be interrupted" in r.stderr and time.perf_counter() - started < 200
     (record,) = RunStore(str(store)).failures().values()
@@ -358,7 +358,7 @@ def test_sys_exit_in_a_method_is_a_failed_model_local(tmp_path, capsys):
     spec = tmp_path / "exit.yaml"
     spec.write_text(yaml.safe_dump(_unlearn_spec(tmp_path, "    sys.exit(0)\n")))
     store = tmp_path / "run"
-    rc = main(["run", str(spec), "--store", str(store), "--local", "--no-progress"])
+    rc = main(["run", str(spec), "--store", str(store), "--executor", "local", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 1, out
     (record,) = RunStore(str(store)).failures().values()
@@ -411,7 +411,7 @@ def test_shadow_count_message_matches_what_is_accepted(tmp_path, capsys):
     with pytest.raises(SpecError, match="must be even .*membership inference needs at least 4"):
         spec_from_dict(d)
     spec = _spec_file(tmp_path, counts={"original": 1, "shadow": 2}, unlearn=[])
-    assert main(["run", str(spec), "--store", str(tmp_path / "run"), "--local", "--no-progress"]) == 0
+    assert main(["run", str(spec), "--store", str(tmp_path / "run"), "--executor", "local", "--no-progress"]) == 0
     assert "2 shadows train, but ufarm evaluate's membership inference needs at least 4" in capsys.readouterr().out
 
 

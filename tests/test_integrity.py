@@ -134,6 +134,22 @@ def test_marker_whose_id_disagrees_with_its_file_is_damaged(tmp_path, caplog):
     assert "models/shadow-00000.json has role 'retrain', which disagrees with its model id" in line
 
 
+def test_the_reports_catalog_names_damage_in_models_and_logits_in_one_line(tmp_path, caplog):
+    store, _ = _small_store(tmp_path / "run")
+    store.write_model("shadow-00000", _table(0), {"role": "shadow"})
+    store.write_model("shadow-00001", _table(1), {"role": "shadow"})
+    (tmp_path / "run" / "models" / "retrain-00000.json").write_text("[]")
+    (tmp_path / "run" / "logits" / "notes.txt").write_text("hello")
+    with open(tmp_path / "run" / "logits" / "shadow-00001.parquet", "r+b") as fh:
+        fh.truncate(100)
+    caplog.set_level(logging.WARNING, "ufarm")
+    markers, intact = RunStore(str(tmp_path / "run")).catalog()
+    assert sorted(markers) == ["shadow-00000", "shadow-00001"] and sorted(intact) == ["shadow-00000"]
+    (line,) = _warnings(caplog)
+    assert "2 damaged or foreign entries" in line and "models/retrain-00000.json" in line \
+        and "logits/notes.txt" in line
+
+
 def test_s3_marker_pointing_into_another_store_is_not_followed(bucket, caplog):
     a, _ = _small_store(f"s3://{bucket}/runs/a")
     b, _ = _small_store(f"s3://{bucket}/runs/b")
@@ -303,7 +319,7 @@ def test_s3_uri_components_are_checked_before_anything(uri, rule, tiny_spec_file
     with pytest.raises(StoreError) as info:
         RunStore(uri)
     assert str(info.value).startswith(f"store URI '{uri}'") and rule in str(info.value)
-    assert main(["run", str(tiny_spec_file), "--store", uri, "--local", "--no-progress"]) == 2
+    assert main(["run", str(tiny_spec_file), "--store", uri, "--executor", "local", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"ufarm: error: store URI '{uri}'") and err.count("\n") == 1
 
@@ -346,7 +362,7 @@ def test_second_run_on_a_leased_store_refuses_and_deletes_nothing(tiny_spec_file
         in_flight = tmp_path / "run" / "logits" / f".tmp-{first.token}-0000abcd-shadow-00000.parquet"
         first.write_bytes("logits/keep.txt", b"x")  # the first run's folder exists, with a file in it
         in_flight.write_bytes(b"half written")
-        assert main(["run", str(tiny_spec_file), "--store", uri, "--local", "--no-progress"]) == 2
+        assert main(["run", str(tiny_spec_file), "--store", uri, "--executor", "local", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1
         assert f"store {uri} is leased by another run (host {socket.gethostname()!r}, pid {os.getpid()}" in err
@@ -472,7 +488,7 @@ def test_s3_second_run_refuses(bucket, tiny_spec_file, capsys):
 
     uri = f"s3://{bucket}/runs/a"
     with RunStore(uri).lease():
-        assert main(["run", str(tiny_spec_file), "--store", uri, "--local", "--no-progress"]) == 2
+        assert main(["run", str(tiny_spec_file), "--store", uri, "--executor", "local", "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"store {uri} is leased by another run (host {socket.gethostname()!r}, pid {os.getpid()}" in err
         assert err.count("\n") == 1

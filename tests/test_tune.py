@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, ufarm
-from farm.spec import SpecError, load_spec, spec_from_dict
+from farm.spec import SpecError, load_spec, load_spec_dict, spec_from_dict
 from test_methods import STORE_SPEC, build_store
 
 USER_METHOD = '''
@@ -78,9 +78,28 @@ def test_tune_section_is_checked():
     for section, msg in bad:
         with pytest.raises(SpecError, match=msg):
             parse_tune(spec_from_dict(tune_spec(**section)))
-    preset = load_spec("digits-tune")
-    assert preset.identity_hash() == load_spec("digits-demo").identity_hash()  # the demo's store is its store
+    # the preset holds only its search; the run comes from the store it searches (the demo's)
+    from farm.run.tune import is_search_only, merge_search
+
+    raw = load_spec_dict("digits-tune")
+    assert is_search_only(raw)
+    preset = merge_search(raw, load_spec_dict("digits-demo"))
+    assert preset.identity_hash() == load_spec("digits-demo").identity_hash()
+    assert preset.counts == {"original": 8, "retrain": 32} and not preset.unlearn
     assert parse_tune(preset).params == {"lr": [0.003, 0.01, 0.03, 0.1], "epochs": [1, 2, 4]}
+
+
+def test_a_search_only_spec_completes_from_the_stores_manifest(small_store, tmp_path):
+    from farm.run.tune import resolve_tune_spec
+
+    search = {"tune": {"params": {"lr": [0.01, 0.05]}, "models": 3}, "counts": {"original": 2, "retrain": 4}}
+    spec = resolve_tune_spec(search, small_store)
+    full = spec_from_dict(tune_spec(params={"lr": [0.01, 0.05]}, models=3))
+    assert spec.identity_hash() == full.identity_hash() and spec.tune == full.tune
+    assert spec.counts == {"original": 2, "retrain": 4} and spec.unlearn == ()
+    with pytest.raises(SpecError, match="holds only a search and store .* holds no run"):
+        resolve_tune_spec(search, str(tmp_path / "empty"))
+    assert not (tmp_path / "empty").exists()  # nothing written
 
 
 def test_tune_end_to_end_writes_trials_best_spec_and_plot(ray_address, small_store, tmp_path):
@@ -104,7 +123,7 @@ def test_tune_end_to_end_writes_trials_best_spec_and_plot(ray_address, small_sto
     assert os.path.getsize(os.path.join(small_store, "tune", "e2e", "fq_vs_utility.png")) > 1000
     # the trials' models are ordinary models of the run: `ufarm run best.yaml` has nothing left to train
     r = ufarm("run", os.path.join(small_store, "tune", "e2e", "best.yaml"), "--store", small_store,
-              "--local", "--no-progress")
+              "--executor", "local", "--no-progress")
     assert r.returncode == 0 and "0 to train" in r.stdout, r.stdout + r.stderr
 
 

@@ -14,8 +14,12 @@ import time
 import traceback
 
 import numpy as np
+import torch
 
 from farm.plan import Job
+from farm.train.engine import Engine
+from farm.train.loops import augment_batch, autocast, predict_logits, set_determinism
+
 from .prepare import PreparedRun, RunResult
 from .scheduler import Scheduler, log
 
@@ -24,13 +28,9 @@ PLAN_ROLES = ("original", "retrain", "shadow")
 
 def _train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
     import ray.train
     import ray.train.torch as rt
-    import torch
-
-    from farm.train.engine import Engine
-    from farm.train.loops import augment_batch, autocast, predict_logits, set_determinism
 
     ctx, job = ray.get(config["ctx"]), config["job"]
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -76,11 +76,11 @@ def _train_loop(config: dict) -> None:
 def run_distributed(prep: PreparedRun, workers: int, *, use_gpu: bool, progress: bool = True,
                     address: str | None = None) -> RunResult:
     """Train the pending original/retrain/shadow jobs one at a time, each across `workers` workers."""
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .ray_executor import ensure_ray
+    from .ray_executor import ensure_ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     with prep.store.lease():  # one writer at a time, for every job of the run
         started = time.perf_counter()

@@ -7,11 +7,13 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 from datetime import datetime
 
 from farm.plan import Job
-from farm.settings import Settings, SettingsError, forwarded_env
+from farm.settings import SECRET_ENV, Settings, SettingsError, forwarded_env
 from farm.spec import Spec, SpecError
 from farm.store import RunStore
 from farm.train.engine import STUCK_MARK, Engine, RunContext
@@ -27,15 +29,27 @@ log = logging.getLogger("ufarm")
 _INITIALISED_RAY = False  # ensure_ray called ray.init in this process (shutdown_ray undoes it)
 
 
+def keep_credentials_out_of_tune() -> None:
+    """Ray Tune (and Ray Train, which runs its workers through Tune) copies the driver's AWS credential
+    variables into every trial actor's runtime_env, which Ray writes into its session logs. Take them off
+    Tune's list: workers find credentials the way AWS tools do (a local Ray's workers inherit the
+    driver's environment when Ray starts). Ray is pinned in pyproject; a test searches Ray's logs."""
+    from ray.tune.execution import class_cache  # Ray's private list; no public switch exists
+
+    for name in (*SECRET_ENV, "AWS_SECURITY_TOKEN"):
+        class_cache.ENV_VARS_TO_PROPAGATE.discard(name)
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster at address (or RAY_ADDRESS), or start a local one; reuse a live connection.
 
     A local Ray started here inherits this process's environment, credentials included; workers of a
     cluster find theirs the way AWS tools do (their environment, profile or instance role). Only the
     non-secret settings of farm.settings (forwarded_env) travel in Ray's runtime_env, which Ray writes into its logs."""
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     global _INITIALISED_RAY
+    keep_credentials_out_of_tune()
     if ray.is_initialized():
         return
     address = address or Settings.from_env().ray_address
@@ -45,9 +59,6 @@ def ensure_ray(address: str | None = None) -> None:
     env = forwarded_env()
     if env:  # every worker of this job (actors, Ray Train workers, Tune trials) sees the driver's S3 settings
         kwargs.update(runtime_env={"env_vars": env})
-    import signal
-    import threading
-
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(**kwargs)
@@ -63,7 +74,7 @@ def shutdown_ray() -> None:
     if not _INITIALISED_RAY:
         return
     _INITIALISED_RAY = False
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -79,12 +90,13 @@ def _cluster_autoscales() -> bool:
     started here never does; on a joined cluster, Ray's monitor names the node types of a cluster launched
     with an autoscaling config (cluster.yaml: head, gpu_spot, ...) and only mirrors each node of a cluster
     without one (type node_<id>). When the monitor's report cannot be read, assume it may autoscale."""
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     node = getattr(ray._private.worker, "_global_node", None)
     if _INITIALISED_RAY and node is not None and getattr(node, "head", False):
         return False
     try:
+        # Ray on demand: farm.run also serves the plain loop, on machines without Ray
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get("__autoscaling_status")
@@ -102,7 +114,7 @@ def _cluster_autoscales() -> bool:
 
 def _unfit(spec: Spec) -> str | None:
     """Why no live node of the connected cluster can hold one worker of the spec, or None if one can."""
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     res = spec.resources
     nodes = [(float(n.get("Resources", {}).get("CPU", 0)), float(n.get("Resources", {}).get("GPU", 0)))
@@ -166,7 +178,7 @@ class FarmWorker:
 
 
 def worker_count(spec: Spec, n_jobs: int, max_workers: int | None) -> int:
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     total = ray.cluster_resources()
     fits = [math.floor(total.get("CPU", 0) / spec.resources.cpus + 1e-9)]
@@ -219,7 +231,7 @@ def _stuck_record(store: RunStore, job: Job, dispatched: float) -> str | None:
 
 def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | None = None,
             progress: bool = True, wait_for_resources: float | None = None) -> RunResult:
-    import ray
+    import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
     from ray.exceptions import RayActorError, RayTaskError
 
     with prep.store.lease():  # one writer at a time; released (and own temporaries removed) on every exit

@@ -166,7 +166,7 @@ class StoreLease:
         self._etag = resp["ETag"]
 
     def _acquire_s3(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError  # boto3 only for the S3 lease
 
         st = self.store
         self._s3()
@@ -227,7 +227,7 @@ class StoreLease:
         self._thread.start()
 
     def _renew(self) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # boto3 only for the S3 lease
 
         interval = max(0.05, self.ttl / 4)
         while not self._stop.wait(interval):

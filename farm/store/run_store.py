@@ -227,6 +227,15 @@ class RunStore(StoreFiles):
             self._warn_damaged(damaged)
         return sizes
 
+    def catalog(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(every usable marker, the intact ones among them) from one listing of models/ and logits/, with
+        damaged or foreign entries of both named in one warning line."""
+        damaged: list = []
+        sizes = self.logits_sizes(damaged)
+        markers = self.markers(damaged)
+        self._warn_damaged(damaged)
+        return markers, {mid: m for mid, m in markers.items() if sizes.get(mid) == m.get("bytes")}
+
     def intact_models(self, _damaged: list | None = None) -> dict[str, dict]:
         """Markers whose logits file exists with the recorded size: a cheap check (one listing) that
         catches deleted or truncated files; the sha256 is checked when a file is read. Damaged or foreign

@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -216,8 +217,6 @@ class Engine:
     def _stuck(self, job: Job, limit: float) -> None:
         """Called from the time limit's watchdog when a method cannot be interrupted: record the failure and
         end this process (under Ray the worker is replaced, see docs/methods.md)."""
-        from datetime import datetime, timezone
-
         message = (f"model {job.model_id}: method {job.method!r} still ran {grace_seconds(limit):g} s after its "
                    f"time limit of {limit:g} s and {STUCK_MARK}; its process was ended")
         try:

@@ -485,6 +485,12 @@ def get_method(name: str) -> Method:
     return _user_method(name)
 
 
+def _summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line."""
+    para = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in para.splitlines())
+
+
 def describe_methods() -> dict:
-    return {name: {"source": m.source, "doc": (m.fn.__doc__ or "").strip().splitlines()[0],
+    return {name: {"source": m.source, "doc": _summary(m.fn.__doc__),
                    "space": {k: p.describe() for k, p in m.space.items()}} for name, m in METHODS.items()}

@@ -41,7 +41,7 @@ class SmallCNN(nn.Module):
 
 
 def _resnet18(in_channels: int, n_classes: int) -> nn.Module:
-    from torchvision.models import resnet18
+    from torchvision.models import resnet18  # torchvision only for resnet18
 
     model = resnet18(weights=None, num_classes=n_classes)
     # The usual CIFAR adaptation: a 3x3 stride-1 stem and no max-pool keep 32x32 inputs from shrinking to 1x1.

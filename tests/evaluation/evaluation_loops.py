@@ -158,6 +158,16 @@ def roc_loop(scores, is_member):
     return np.array(pts)
 
 
+def bh_step_up_loop(p, q):
+    """Benjamini-Hochberg as written: reject the k smallest p-values, k = max{i : p_(i) <= i q / m}."""
+    m = len(p)
+    ranked = sorted(range(m), key=lambda i: p[i])
+    k = max([i for i in range(1, m + 1) if p[ranked[i - 1]] <= i * q / m], default=0)
+    reject = np.zeros(m, dtype=bool)
+    reject[ranked[:k]] = True
+    return reject
+
+
 def auc_pairs(scores, is_member):
     s1 = scores[is_member]
     s0 = scores[~is_member]

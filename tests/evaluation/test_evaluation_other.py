@@ -5,7 +5,7 @@ from scipy import stats
 from evaluation.rmia import rmia_leave_one_out, rmia_scores
 from evaluation.twosample import benjamini_hochberg, per_example_tests
 from evaluation.ulira import ulira_accuracy, ulira_attack
-from evaluation_loops import rmia_loop
+from evaluation_loops import bh_step_up_loop, rmia_loop
 
 
 def test_rmia_matches_loop_and_loo():
@@ -54,12 +54,15 @@ def test_two_sample_tests_match_scipy_loop():
     assert same["ks_fraction"] == 0 and same["mw_fraction"] == 0
 
 
-def test_benjamini_hochberg_matches_scipy():
+def test_benjamini_hochberg_against_the_step_up_rule():
     rng = np.random.default_rng(3)
-    p = np.concatenate([rng.uniform(0, 1, 300), rng.uniform(0, 1e-3, 30), [0.05, 0.05]])
-    adj = stats.false_discovery_control(p, method="bh")
-    np.testing.assert_array_equal(benjamini_hochberg(p, 0.05), adj <= 0.05)
-    assert not benjamini_hochberg(np.ones(5)).any()
+    for m in (1, 2, 10, 333):
+        for q in (0.05, 0.2):
+            p = np.concatenate([rng.uniform(0, 1, m), rng.uniform(0, 2e-3, m // 5 + 1), [0.05, 0.05]])
+            p[::7] = p[1]  # ties between p-values
+            np.testing.assert_array_equal(benjamini_hochberg(p, q), bh_step_up_loop(p.tolist(), q))
+    assert not benjamini_hochberg(np.ones(5)).any() and benjamini_hochberg(np.zeros(0)).shape == (0,)
+    assert benjamini_hochberg(np.array([0.04]), 0.05).all() and not benjamini_hochberg(np.array([0.06]), 0.05).any()
 
 
 def test_ulira_gaussian_world():

@@ -5,7 +5,7 @@ from scipy import stats
 from evaluation.lira import (gaussian_check, lira_leave_one_out, lira_leave_pair_out, lira_scores, random_partners,
                              roc_metrics)
 from evaluation.rmia import rmia_leave_pair_out
-from evaluation.ulira import _folds, ulira_attack
+from evaluation.ulira import group_folds, ulira_attack
 from evaluation.lira import pair_vulnerability, pair_vulnerability_null  # re-exported from evaluation.vulnerability
 from evaluation_loops import (lira_pair_loop, normal_rejections_loop, pair_vulnerability_loop, rmia_pair_loop,
                               ulira_grouped_loop)
@@ -182,7 +182,7 @@ def test_ulira_groups_never_split_and_match_loop():
     for seed in range(20):
         ids = rng.integers(0, 9, 40)
         _, ids = np.unique(ids, return_inverse=True)
-        parts = _folds(np.random.default_rng(seed), ids, ids.max() + 1, 3)
+        parts = group_folds(np.random.default_rng(seed), ids, ids.max() + 1, 3)
         assert sorted(np.concatenate(parts).tolist()) == list(range(40))
         fold_of = np.empty(40, int)
         for k, part in enumerate(parts):

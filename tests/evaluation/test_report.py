@@ -24,7 +24,7 @@ FIGURES = ("lira_roc.png", "epsilon_hist.png", "forgetting_quality.png", "accura
 
 @pytest.fixture(scope="module")
 def base_store(tmp_path_factory):
-    from farm.runner import prepare_run, run_local
+    from farm.run import prepare_run, run_local
     from farm.spec import spec_from_dict
 
     raw = copy.deepcopy(TINY_SPEC)

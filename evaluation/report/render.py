@@ -1,5 +1,6 @@
-"""Render an evaluation report (evaluation.report.evaluate_store computes it): the PNG figures, report.md
-and the terminal summary.  Nothing here writes files: evaluate_store writes what these return.
+"""Render an evaluation report (evaluation.report.evaluate computes it): the PNG figures, report.md, the
+JSON-safe report dict and the terminal summary.  Nothing here writes files: evaluate_store writes what these
+return.
 """
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["figures", "markdown", "summary_lines", "safe_name"]
+from .membership import RocCurve
+from .unlearning import MethodFigure
+
+__all__ = ["figures", "markdown", "summary_lines", "safe_name", "json_safe"]
 
 
 # ------------------------------------------------------------------------------------- figures
-def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: float) -> Iterator[tuple[str, bytes]]:
+def figures(curves: dict[str, RocCurve], method_figs: dict[str, MethodFigure], utility: dict,
+            ci: float) -> Iterator[tuple[str, bytes]]:
     """Yields (file name, PNG bytes) one figure at a time, so the caller writes each before the next is drawn:
     the ROC curves, the epsilon histogram, F beside F_null, accuracy per role, the most leaking examples."""
-    import matplotlib  # on first use: it is slow to import
+    import matplotlib  # here, not at the top: it is slow to import and only the figures need it
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend: no display needed
 
     def png(fig) -> bytes:
         buf = io.BytesIO()
@@ -30,91 +35,115 @@ def figures(curves: dict, method_figs: dict, f_null: dict, utility: dict, ci: fl
         return buf.getvalue()
 
     if curves:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        lo = 1.0
-        for name, c in curves.items():
-            keep = (c["fpr"] > 0) & (c["tpr"] > 0)
-            if keep.any():
-                line, = ax.plot(c["fpr"][keep], c["tpr"][keep], label=name)
-                if "lo" in c:  # 95% band: jackknife over target pairs
-                    ax.fill_between(c["fpr"][keep], np.maximum(c["lo"][keep], 1e-6), c["hi"][keep],
-                                    color=line.get_color(), alpha=0.2, lw=0)
-                lo = min(lo, float(c["fpr"][keep].min()))
-        lo = max(min(lo, 1e-3), 1e-6)
-        ax.plot([lo, 1], [lo, 1], "k:", lw=0.8, label="chance")
-        ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
-               ylabel="true positive rate", title="Leave-pair-out membership inference (shadows)\nbands: 95%, jackknife over target pairs and examples")
-        ax.legend(fontsize=8)
-        yield "lira_roc.png", png(fig)
-    eps_groups = {k: v["eps"] for k, v in method_figs.items() if "eps" in v}
+        yield "lira_roc.png", png(_roc_figure(plt, curves))
+    eps_groups = {k: v.eps for k, v in method_figs.items() if v.eps is not None}
     if eps_groups:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        bins = np.linspace(0, max(1.0, max(float(e.max()) for e in eps_groups.values())), 41)
-        for k, e in eps_groups.items():
-            ax.hist(e, bins=bins, histtype="step", lw=1.5, label=f"{k} (n={e.size})")
-        ax.set(xlabel="per-example epsilon (forget set)", ylabel="examples",
-               title="Competition per-example epsilon: unlearned vs retrained")
-        ax.legend(fontsize=8)
-        yield "epsilon_hist.png", png(fig)
-        fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(eps_groups), 4))
-        labels, x, top = [], 0, 0.0
-        for k, v in method_figs.items():
-            c = v.get("f", {})
-            ec = c.get("equal_count")
-            top = max([top] + [float(h) for h in (c.get("ci_high"), c.get("forgetting_quality"))
-                               + (tuple(ec["f_ci"]) + tuple(ec["f_null_ci"]) if ec else ()) if h is not None])
-            if "forgetting_quality" in c:
-                ax.errorbar(x - 0.2, c["forgetting_quality"], yerr=_yerr(c["forgetting_quality"], c.get("ci_low"),
-                            c.get("ci_high")), fmt="o", color="C0", capsize=4,
-                            label="F, every model" if x == 0 else None)
-            if ec:
-                ax.errorbar(x, ec["f"], yerr=_yerr(ec["f"], *ec["f_ci"]), fmt="D", color="C1", capsize=4,
-                            label="F at n per side" if x == 0 else None)
-                ax.errorbar(x + 0.2, ec["f_null"], yerr=_yerr(ec["f_null"], *ec["f_null_ci"]), fmt="s", color="C2",
-                            capsize=4, label="F_null at n per side" if x == 0 else None)
-                labels.append(f"{k}\nn = {ec['n_per_side']}\nF / F_null {_fmt(ec.get('ratio'), 2)}")
-            else:
-                labels.append(k)
-            x += 1
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set(ylabel="forgetting quality F", ylim=(0, min(1.05, 1.25 * top + 0.02)), xlim=(-0.6, len(labels) - 0.4),
-               title=f"F and F_null at equal model counts ({int(ci * 100)}% intervals)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        yield "forgetting_quality.png", png(fig)
-    if utility:
-        roles = list(utility)
-        splits = [s for s in ("retain", "forget", "test") if any(s in utility[r] for r in roles)]
-        if splits:
-            fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(roles), 4))
-            w = 0.8 / len(splits)
-            for j, s in enumerate(splits):
-                vals = [utility[r].get(s, {}).get("mean", np.nan) for r in roles]
-                errs = [utility[r].get(s, {}).get("std", 0.0) for r in roles]
-                ax.bar(np.arange(len(roles)) + (j - (len(splits) - 1) / 2) * w, vals, w, yerr=errs, capsize=2, label=s)
-            ax.set_xticks(range(len(roles)), roles, fontsize=7, rotation=15)
-            ax.set(ylabel="accuracy (plain query)", ylim=(0, 1.05), title="Accuracy per role")
-            ax.legend(fontsize=8)
-            yield "accuracy_per_role.png", png(fig)
+        yield "epsilon_hist.png", png(_epsilon_figure(plt, eps_groups))
+        yield "forgetting_quality.png", png(_f_figure(plt, method_figs, ci))
+    if utility and (fig := _accuracy_figure(plt, utility)) is not None:
+        yield "accuracy_per_role.png", png(fig)
     for k, v in method_figs.items():
-        if not v.get("leaking"):
-            continue
-        n = len(v["leaking"])
-        cols = min(3, n)
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-        for ax, (eid, eps, u, r) in zip(axes.ravel(), v["leaking"]):
-            lo, hi = float(min(u.min(), r.min())), float(max(u.max(), r.max()))
-            bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
-            ax.hist(r, bins=bins, alpha=0.6, label="retrained")
-            ax.hist(u, bins=bins, alpha=0.6, label="unlearned")
-            ax.set_title(f"example {eid}: eps {eps:.2f}", fontsize=8)
-            ax.tick_params(labelsize=7)
-        for ax in axes.ravel()[n:]:
-            ax.axis("off")
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"{k}: confidences (query 0) of the most leaking forget examples", fontsize=9)
-        yield f"leaking_{safe_name(k)}.png", png(fig)
+        if v.leaking:
+            yield f"leaking_{safe_name(k)}.png", png(_leaking_figure(plt, k, v.leaking))
+
+
+def _roc_figure(plt, curves: dict[str, RocCurve]):
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    lo = 1.0
+    for name, c in curves.items():
+        keep = (c.fpr > 0) & (c.tpr > 0)
+        if keep.any():
+            line, = ax.plot(c.fpr[keep], c.tpr[keep], label=name)
+            if c.lo is not None:  # 95% band: jackknife over target pairs
+                ax.fill_between(c.fpr[keep], np.maximum(c.lo[keep], 1e-6), c.hi[keep],
+                                color=line.get_color(), alpha=0.2, lw=0)
+            lo = min(lo, float(c.fpr[keep].min()))
+    lo = max(min(lo, 1e-3), 1e-6)
+    ax.plot([lo, 1], [lo, 1], "k:", lw=0.8, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(lo, 1), ylim=(lo, 1.05), xlabel="false positive rate",
+           ylabel="true positive rate", title="Leave-pair-out membership inference (shadows)\nbands: 95%, jackknife over target pairs and examples")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _epsilon_figure(plt, eps_groups: dict[str, np.ndarray]):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, max(1.0, max(float(e.max()) for e in eps_groups.values())), 41)
+    for k, e in eps_groups.items():
+        ax.hist(e, bins=bins, histtype="step", lw=1.5, label=f"{k} (n={e.size})")
+    ax.set(xlabel="per-example epsilon (forget set)", ylabel="examples",
+           title="Competition per-example epsilon: unlearned vs retrained")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _f_figure(plt, method_figs: dict[str, MethodFigure], ci: float):
+    """F on every model, F and F_null at equal counts, per method, with their intervals."""
+    n_with_eps = sum(v.eps is not None for v in method_figs.values())
+    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * n_with_eps, 4))
+    labels, x, top = [], 0, 0.0
+    for k, v in method_figs.items():
+        c = v.competition
+        ec = c.get("equal_count")
+        top = max([top] + [float(h) for h in (c.get("ci_high"), c.get("forgetting_quality"))
+                           + (tuple(ec["f_ci"]) + tuple(ec["f_null_ci"]) if ec else ()) if h is not None])
+        if "forgetting_quality" in c:
+            ax.errorbar(x - 0.2, c["forgetting_quality"], yerr=_yerr(c["forgetting_quality"], c.get("ci_low"),
+                        c.get("ci_high")), fmt="o", color="C0", capsize=4,
+                        label="F, every model" if x == 0 else None)
+        if ec:
+            ax.errorbar(x, ec["f"], yerr=_yerr(ec["f"], *ec["f_ci"]), fmt="D", color="C1", capsize=4,
+                        label="F at n per side" if x == 0 else None)
+            ax.errorbar(x + 0.2, ec["f_null"], yerr=_yerr(ec["f_null"], *ec["f_null_ci"]), fmt="s", color="C2",
+                        capsize=4, label="F_null at n per side" if x == 0 else None)
+            labels.append(f"{k}\nn = {ec['n_per_side']}\nF / F_null {_fmt(ec.get('ratio'), 2)}")
+        else:
+            labels.append(k)
+        x += 1
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set(ylabel="forgetting quality F", ylim=(0, min(1.05, 1.25 * top + 0.02)), xlim=(-0.6, len(labels) - 0.4),
+           title=f"F and F_null at equal model counts ({int(ci * 100)}% intervals)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _accuracy_figure(plt, utility: dict):
+    """Mean accuracy (and std) per role on retain, forget and test; None when no role has any."""
+    roles = list(utility)
+    splits = [s for s in ("retain", "forget", "test") if any(s in utility[r] for r in roles)]
+    if not splits:
+        return None
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(roles), 4))
+    w = 0.8 / len(splits)
+    for j, s in enumerate(splits):
+        vals = [utility[r].get(s, {}).get("mean", np.nan) for r in roles]
+        errs = [utility[r].get(s, {}).get("std", 0.0) for r in roles]
+        ax.bar(np.arange(len(roles)) + (j - (len(splits) - 1) / 2) * w, vals, w, yerr=errs, capsize=2, label=s)
+    ax.set_xticks(range(len(roles)), roles, fontsize=7, rotation=15)
+    ax.set(ylabel="accuracy (plain query)", ylim=(0, 1.05), title="Accuracy per role")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _leaking_figure(plt, key: str, leaking: list):
+    """Histograms of the unlearned and retrained confidences on the most leaking forget examples."""
+    n = len(leaking)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (eid, eps, u, r) in zip(axes.ravel(), leaking):
+        lo, hi = float(min(u.min(), r.min())), float(max(u.max(), r.max()))
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 21)
+        ax.hist(r, bins=bins, alpha=0.6, label="retrained")
+        ax.hist(u, bins=bins, alpha=0.6, label="unlearned")
+        ax.set_title(f"example {eid}: eps {eps:.2f}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{key}: confidences (query 0) of the most leaking forget examples", fontsize=9)
+    return fig
 
 
 def _yerr(point, lo, hi):
@@ -127,6 +156,25 @@ def _yerr(point, lo, hi):
 def safe_name(name: str) -> str:
     """A method key as part of a file name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# -------------------------------------------------------------------------------------- JSON
+def json_safe(obj):
+    """The report as JSON allows: numpy scalars and arrays to Python, NaN and infinities to None."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    return obj
 
 
 # ------------------------------------------------------------------------------------ markdown
@@ -263,32 +311,7 @@ def _method_md(key: str, m: dict, files: list) -> list[str]:
           f"{m['forget_examples_used']} forget examples.", ""]
     if "dependence" in m:
         L.append(f"- **dependence**: {m['dependence']}")
-    c = m["competition"]
-    if "forgetting_quality" in c:
-        ec = c.get("equal_count")
-        if ec:
-            L.append(f"- **F / F_null at {ec['n_per_side']} models per side = "
-                     f"{_ci(ec.get('ratio'), *ec.get('ratio_ci', (None, None)))}** (1 = like retraining): "
-                     f"F {_ci(ec['f'], *ec['f_ci'])}, F_null {_ci(ec['f_null'], *ec['f_null_ci'])}, each the mean "
-                     f"of {ec['n_draws']} draws (one draw's sd: {_fmt(ec['f_sd_over_draws'])} and "
-                     f"{_fmt(ec['f_null_sd_over_draws'])})")
-        elif "equal_count_message" in c:
-            L.append(f"- F / F_null: {c['equal_count_message']}")
-        need = c.get("models_for_f_half_width", {})
-        L.append(f"- forgetting quality F (every model, the competition's number) = "
-                 f"{_ci(c['forgetting_quality'], c.get('ci_low'), c.get('ci_high'))}"
-                 + (f" ({c['interval']}); F to +-{need['half_width']} needs about {need['unlearned']} unlearned and "
-                    f"{need['retrained']} retrained models" if need else f" ({c.get('interval_message', '')})"))
-        e = c["epsilon"]
-        L.append(f"- per-example epsilon: mean {_fmt(e['mean'])}, median {_fmt(e['median'])}, max {_fmt(e['max'])}, "
-                 f"at the cap 50: {_fmt(e['fraction_at_cap'])}")
-        if "final_score" in c:
-            a = c["accuracies"]
-            L.append(f"- final score = F x (RA_u/RA_r) x (TA_u/TA_r) = {_fmt(c['final_score'])} "
-                     f"(RA {_fmt(a['retain_unlearned'])}/{_fmt(a['retain_retrained'])}, "
-                     f"TA {_fmt(a['test_unlearned'])}/{_fmt(a['test_retrained'])})")
-    else:
-        L.append(f"- competition: {c['message']}")
+    L += _competition_md(m["competition"])
     t = m["two_sample"]
     if "forget" in t:
         L.append(f"- fraction of examples whose distributions differ (KS / Mann-Whitney, BH q={t['q']}; the controls "
@@ -305,15 +328,7 @@ def _method_md(key: str, m: dict, files: list) -> list[str]:
                  + (f"; the same attack on controls: {ctrl}" if ctrl else ""))
     else:
         L.append(f"- U-LiRA: {u['message']}")
-    cost = m.get("cost", {})
-    if "ratio" in cost:
-        L.append(f"- cost: unlearning {_fmt(cost['unlearn_seconds_mean'], 2)} s vs retraining "
-                 f"{_fmt(cost['retrain_seconds_mean'], 2)} s per model: ratio {_fmt(cost['ratio'])}")
-    if "time_cutoff" in cost:
-        L.append(f"- time cut-off {_fmt(cost['time_cutoff'])} of retraining: "
-                 f"{len(cost['over_time_cutoff'])} of {m['n_unlearned']} models over it"
-                 + (f" ({', '.join(cost['over_time_cutoff'][:5])}{' ...' if len(cost['over_time_cutoff']) > 5 else ''})"
-                    if cost["over_time_cutoff"] else ""))
+    L += _cost_md(m.get("cost", {}), m["n_unlearned"])
     if m.get("most_leaking"):
         L.append("- most leaking forget examples: " + ", ".join(
             f"{x['example_id']} (eps {_fmt(x['epsilon'], 2)})" for x in m["most_leaking"]))
@@ -321,6 +336,48 @@ def _method_md(key: str, m: dict, files: list) -> list[str]:
     if leaking in files:
         L += ["", f"![most leaking]({leaking})"]
     return L + [""]
+
+
+def _competition_md(c: dict) -> list[str]:
+    if "forgetting_quality" not in c:
+        return [f"- competition: {c['message']}"]
+    L = []
+    ec = c.get("equal_count")
+    if ec:
+        L.append(f"- **F / F_null at {ec['n_per_side']} models per side = "
+                 f"{_ci(ec.get('ratio'), *ec.get('ratio_ci', (None, None)))}** (1 = like retraining): "
+                 f"F {_ci(ec['f'], *ec['f_ci'])}, F_null {_ci(ec['f_null'], *ec['f_null_ci'])}, each the mean "
+                 f"of {ec['n_draws']} draws (one draw's sd: {_fmt(ec['f_sd_over_draws'])} and "
+                 f"{_fmt(ec['f_null_sd_over_draws'])})")
+    elif "equal_count_message" in c:
+        L.append(f"- F / F_null: {c['equal_count_message']}")
+    need = c.get("models_for_f_half_width", {})
+    L.append(f"- forgetting quality F (every model, the competition's number) = "
+             f"{_ci(c['forgetting_quality'], c.get('ci_low'), c.get('ci_high'))}"
+             + (f" ({c['interval']}); F to +-{need['half_width']} needs about {need['unlearned']} unlearned and "
+                f"{need['retrained']} retrained models" if need else f" ({c.get('interval_message', '')})"))
+    e = c["epsilon"]
+    L.append(f"- per-example epsilon: mean {_fmt(e['mean'])}, median {_fmt(e['median'])}, max {_fmt(e['max'])}, "
+             f"at the cap 50: {_fmt(e['fraction_at_cap'])}")
+    if "final_score" in c:
+        a = c["accuracies"]
+        L.append(f"- final score = F x (RA_u/RA_r) x (TA_u/TA_r) = {_fmt(c['final_score'])} "
+                 f"(RA {_fmt(a['retain_unlearned'])}/{_fmt(a['retain_retrained'])}, "
+                 f"TA {_fmt(a['test_unlearned'])}/{_fmt(a['test_retrained'])})")
+    return L
+
+
+def _cost_md(cost: dict, n_unlearned: int) -> list[str]:
+    L = []
+    if "ratio" in cost:
+        L.append(f"- cost: unlearning {_fmt(cost['unlearn_seconds_mean'], 2)} s vs retraining "
+                 f"{_fmt(cost['retrain_seconds_mean'], 2)} s per model: ratio {_fmt(cost['ratio'])}")
+    if "time_cutoff" in cost:
+        over = cost["over_time_cutoff"]
+        L.append(f"- time cut-off {_fmt(cost['time_cutoff'])} of retraining: {len(over)} of {n_unlearned} models "
+                 "over it"
+                 + (f" ({', '.join(over[:5])}{' ...' if len(over) > 5 else ''})" if over else ""))
+    return L
 
 
 def summary_lines(rep: dict) -> list[str]:

@@ -1,0 +1,148 @@
+"""The report's only contact with the run store: what a run holds (manifest, examples, the intact models by
+role, the unlearned models grouped by method and hyper-parameters), the conf of chosen models with those
+holding NaN or infinite values set apart, and the writer of the report's files (a local folder or s3://,
+through RunStore, so both behave the same).
+"""
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from farm.store import RunStore, StoreError
+
+__all__ = ["ReportError", "UnlearnedGroup", "RunContents", "Conf", "open_run", "unlearned_groups", "read_conf",
+           "ReportWriter", "parquet_bytes"]
+
+UNLEARNED_ID = re.compile(r"^unlearned-(?P<method>.+)-(?P<hash>[^-]+)-(?P<index>\d+)$")
+
+
+class ReportError(StoreError, ValueError):
+    """The store cannot be evaluated as asked (not a run store, too few models, unknown method)."""
+
+
+@dataclass(frozen=True)
+class UnlearnedGroup:
+    """The unlearned models of one method and hyper-parameters (model ids ``unlearned-<method>-<hash>-NNNNN``)."""
+    key: str  # <method>-<hash>
+    method: str
+    hparams_hash: str
+    hparams: dict
+    model_ids: list[str]
+
+
+@dataclass(frozen=True)
+class RunContents:
+    """A run store's manifest, examples and intact models (a marker and a logits file of the marker's size)."""
+    store: RunStore
+    manifest: dict
+    example_ids: np.ndarray  # int64[E]
+    split: np.ndarray  # str[E]: train, val or test
+    forget: np.ndarray  # bool[E]
+    markers: dict[str, dict]  # model id -> marker, intact models only
+    by_role: dict[str, list[str]]  # role -> sorted model ids
+    groups: dict[str, UnlearnedGroup]  # the unlearned models asked for, by <method>-<hash>
+    broken: list[str]  # models with a marker but a missing or truncated logits file
+
+
+def unlearned_groups(markers: dict[str, dict]) -> dict[str, UnlearnedGroup]:
+    """The unlearned models among ``markers`` by method and hyper-parameters hash, in model id order."""
+    found: dict[str, tuple[str, str, dict, list]] = {}
+    for mid in sorted(markers):
+        mk = markers[mid]
+        if mk.get("role") != "unlearned":
+            continue
+        m = UNLEARNED_ID.match(mid)
+        method = mk.get("method") or (m.group("method") if m else "unknown")
+        h = m.group("hash") if m else "nohash"
+        found.setdefault(f"{method}-{h}", (method, h, dict(mk.get("hparams") or {}), []))[3].append(mid)
+    return {key: UnlearnedGroup(key, *fields) for key, fields in found.items()}
+
+
+def open_run(uri: str, method: str | None = None) -> RunContents:
+    """Read what the run at ``uri`` holds; ``method`` (a method name or ``<method>-<hash>``) keeps that method's
+    unlearned models only.  Raises ReportError when ``uri`` is not a run store or has no such method."""
+    store = RunStore(uri)
+    store.check_reachable()
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise ReportError(f"{store.uri} is not a run store (no manifest.json)")
+    ex = store.read_examples()
+    markers, intact = store.catalog()  # damaged entries of models/ and logits/ named in one warning line
+    by_role: dict[str, list[str]] = {}
+    for mid in sorted(intact):
+        by_role.setdefault(intact[mid].get("role", "unknown"), []).append(mid)
+    groups = unlearned_groups(intact)
+    if method is not None:
+        chosen = {k: g for k, g in groups.items() if method in (g.method, k)}
+        if not chosen:
+            have = ", ".join(sorted({g.method for g in groups.values()} | set(groups))) or "no unlearned models"
+            raise ReportError(f"unknown method {method!r}: store {store.uri} has {have}")
+        groups = chosen
+    return RunContents(
+        store=store, manifest=manifest,
+        example_ids=ex.column("example_id").to_numpy().astype(np.int64),
+        split=np.asarray(ex.column("split").to_numpy(zero_copy_only=False)).astype(str),
+        forget=np.asarray(ex.column("forget").to_numpy(zero_copy_only=False), dtype=bool),
+        markers=intact, by_role=by_role, groups=groups, broken=sorted(set(markers) - set(intact)))
+
+
+@dataclass(frozen=True)
+class Conf:
+    """The conf of the models read, except those holding NaN or infinite values, which ``nonfinite`` lists."""
+    model_ids: list[str]
+    markers: list[dict]
+    conf: np.ndarray  # float32[M, E, Q]
+    trained_on: np.ndarray  # bool[M, E]
+    nonfinite: list[dict]  # per model left out: model_id, role, n_nan, n_inf, n_examples, first_example_ids
+
+
+def read_conf(run: RunContents, model_ids: list[str]) -> Conf:
+    """RunStore.read_conf of ``model_ids``; models with NaN or infinite conf are listed and left out."""
+    sc = run.store.read_conf(model_ids=model_ids)
+    keep, nonfinite = [], []
+    for k, mid in enumerate(sc.model_ids):
+        c = sc.conf[k]
+        bad = ~np.isfinite(c)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(axis=1))
+            nonfinite.append({"model_id": mid, "role": str(sc.roles[k]), "n_nan": int(np.isnan(c).sum()),
+                              "n_inf": int(np.isinf(c).sum()), "n_examples": int(rows.size),
+                              "first_example_ids": [int(run.example_ids[i]) for i in rows[:5]]})
+        else:
+            keep.append(k)
+    ids = [sc.model_ids[k] for k in keep]
+    markers = [sc.markers[k] for k in keep]
+    if len(keep) == len(sc.model_ids):
+        return Conf(ids, markers, sc.conf, sc.trained_on, nonfinite)
+    keep = np.asarray(keep, dtype=np.int64)
+    return Conf(ids, markers, sc.conf[keep], sc.trained_on[keep], nonfinite)
+
+
+class ReportWriter:
+    """Writes report files into ``out`` (a folder or s3:// URI), by default ``<run>/report/``, and lists them."""
+
+    def __init__(self, store: RunStore, out: str | None):
+        if out is None:
+            self.store, self.prefix = store, "report/"
+            base = store.uri if store.is_s3 else store.root
+            self.where = f"{base}/report"
+        else:
+            self.store, self.prefix = RunStore(out), ""
+            self.where = self.store.uri if self.store.is_s3 else self.store.root
+        self.files: list[str] = []
+
+    def write(self, name: str, data: bytes) -> None:
+        self.store.write_bytes(self.prefix + name, data)
+        self.files.append(name)
+
+
+def parquet_bytes(columns: dict) -> bytes:
+    """A Parquet file of the given columns (name -> 1-D array)."""
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    return buf.getvalue()
