@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
-from .lira import roc_auc, roc_curve, tpr_at_fpr
+from .lira import roc_auc, tpr_at_fpr
 
 __all__ = ["assign_groups", "jackknife_se", "t_interval", "models_needed", "equal_count_f", "jackknife_stat",
            "roc_jackknife", "Z95", "JACKKNIFE_GROUPS", "DRAW_GROUPS"]
@@ -167,8 +167,11 @@ def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid:
     cell's target-pair group and its example group.  For all cells and for every replicate without one group:
     AUC (trapezoid over the full ROC, ties counted 1/2), TPR at each FPR a of ``fprs`` (the last ROC point with
     FPR < a, as roc_metrics) and the TPR on ``grid`` (the last ROC point with FPR <= x, for a band).
-    The full ROC is computed once (evaluation.lira.roc_curve, sklearn's); a replicate counts its cells per
-    point of that curve (a point with none of its cells left repeats the one before, which changes no figure).
+    The cells are sorted by score once; the full ROC (the points of evaluation.lira.roc_curve, which is
+    sklearn's: a test pins them equal) and every replicate are cumulative counts over that one order, read at
+    the last cell of each distinct score (a replicate keeps the full curve's points; a point with none of its
+    cells left repeats the one before, which changes no figure). One sort and sequential passes, rather than
+    locating each of millions of cells on sklearn's curve (which scripts/bench_evaluate_store.py measured slower).
     SE^2 = the sum over groupings of their jackknife variances: targets and examples are crossed, and the
     scores of one target depend on the others as references, which a jackknife over targets alone misses
     (scripts/check_statistics.py: its 95% intervals covered 0.80-0.83 of no-signal worlds at 8 to 32
@@ -177,29 +180,30 @@ def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid:
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(member, dtype=bool)
-    fpr, tpr, thresholds = roc_curve(s, y)
-    point = np.searchsorted(-thresholds[1:], -s)  # the curve point (after the first) each cell's score opens
-    n_points = thresholds.size - 1
+    order = np.argsort(-s, kind="stable")
+    y_sorted = y[order]
+    s_sorted = s[order]
+    # the last cell of each distinct score (compared, not differenced: inf - inf is NaN, inf == inf)
+    last = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s.size - 1]
+    del s_sorted
 
-    def figures(fpr, tpr):
+    def figures(keep):
+        tp = np.cumsum(y_sorted & keep if keep is not None else y_sorted)[last]
+        fp = np.cumsum(~y_sorted & keep if keep is not None else ~y_sorted)[last]
+        fpr, tpr = np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
         at = [tpr_at_fpr(fpr, tpr, a) for a in fprs]
         band = tpr[np.searchsorted(fpr, grid, side="right") - 1]
         return np.r_[roc_auc(fpr, tpr), at, band]
 
-    def replicate(keep):
-        tp = np.cumsum(np.bincount(point[y & keep], minlength=n_points))
-        fp = np.cumsum(np.bincount(point[~y & keep], minlength=n_points))
-        return figures(np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]])
-
-    full = figures(fpr, tpr)
+    full = figures(None)
     k = len(fprs)
     out = {"auc": float(full[0]), "tpr_at_fpr": dict(zip(fprs, full[1:1 + k].tolist())), "grid_tpr": full[1 + k:]}
     var, dofs = np.zeros_like(full), []
     for group, n_groups in groupings:
         if n_groups < 2:
             continue
-        group = np.asarray(group)
-        var += jackknife_se(np.array([replicate(group != g) for g in range(n_groups)])) ** 2
+        g_sorted = np.asarray(group)[order]
+        var += jackknife_se(np.array([figures(g_sorted != g) for g in range(n_groups)])) ** 2
         dofs.append(n_groups - 1)
     if dofs:
         se = np.sqrt(var)

@@ -24,7 +24,6 @@ from farm.store import RunStore, StoreError
 
 DEFAULT_DEMO_STORE = "runs/digits-demo"
 USER_ERRORS = (SpecError, DataError, StoreError, SettingsError)
-log = logging.getLogger("ufarm")
 INTERRUPTED = "ufarm: interrupted; models already committed stay, re-run the same command to resume"
 
 
@@ -122,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None, help="at most this many forget examples per statistic")
     p.add_argument("--rmia-a", type=float, default=None, help="RMIA's offline a (default 0.3)")
     p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA's likelihood-ratio threshold (default 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="read whole logits files against their sha256 (default: only the columns used, each "
+                        "page against its CRC-32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
     add_export(sub)
@@ -159,7 +161,8 @@ def cmd_evaluate(args) -> int:
 
     kw = {k: v for k, v in (("n_boot", args.n_boot), ("max_examples", args.max_examples),
                             ("rmia_a", args.rmia_a), ("rmia_gamma", args.rmia_gamma)) if v is not None}
-    rep = evaluate_store(args.store, out=args.out, method=args.method, progress=not args.no_progress, **kw)
+    rep = evaluate_store(args.store, out=args.out, method=args.method, progress=not args.no_progress,
+                         verify=args.verify, **kw)
     print("\n".join(summary_lines(rep)))
     return 0
 
@@ -172,6 +175,10 @@ def cmd_run(spec_arg: str, args) -> int:
     prep = prepare_run(spec, args.store, verify=args.verify)
     print(f"ufarm: run {spec.name!r} in {prep.store.uri}: {len(prep.plan.jobs)} models planned, "
           f"{len(prep.done)} already done, {len(prep.pending)} to train", flush=True)
+    if prep.beyond:  # a spec with lower counts (or other methods) than the store holds
+        parts = ", ".join(f"{role} {n}" for role, n in sorted(prep.beyond.items()))
+        print(f"ufarm: the store holds {sum(prep.beyond.values())} more models than this spec plans ({parts}); "
+              "they stay, and ufarm evaluate uses every committed model", flush=True)
     progress = not args.no_progress
     workers = spec.resources.workers_per_model
     if workers > 1 and args.executor == "ray":
@@ -309,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ufarm methods | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)

@@ -69,7 +69,7 @@ def main() -> int:
     setup.threads = threads
     method = get_method(ts.method)
     searched, fixed = param_space(ts, method)
-    hp = json.loads(args.hparams) if args.hparams else {n: method.space[n].default for n in searched}
+    hp = json.loads(args.hparams) if args.hparams else {n: v for n, v in method.defaults.items() if n in searched}
     hparams = trial_hparams(method, hp, fixed, 0)
     t0 = time.perf_counter()
     metrics = score_hparams(setup, hparams)

@@ -100,6 +100,42 @@ def test_credentials_never_reach_ray_logs_or_the_store(bucket, tmp_path, ray_tmp
     assert not _wait_no_ray_processes(ray_tmp), "the local Ray that the driver started still runs"
 
 
+def _files_hold_no_secret(root):
+    for d, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(d, f)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                for name, secret in SECRETS.items():
+                    assert secret.encode() not in data, f"{name} found in {path}"
+
+
+def test_tune_and_its_trials_never_write_credentials(bucket, tmp_path, ray_tmp):
+    """Ray Tune copies AWS credential variables into each trial actor's runtime_env (logged by Ray);
+    ufarm takes them off that list: a search on an S3 store leaves no secret in Ray's files or the store."""
+    spec = _spec_file(tmp_path, counts={"original": 1, "retrain": 2}, unlearn=[],
+                      tune={"method": "finetune", "params": {"lr": [0.01]}, "models": 2, "baseline": False})
+    uri = f"s3://{bucket}/run"
+    r = subprocess.run([sys.executable, "-m", "farm.cli", "tune", str(spec), "--store", uri, "--no-progress"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600, env=_own_ray_env(ray_tmp, **SECRETS))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ufarm tune: trials:" in r.stdout
+    logs = [os.path.join(d, f) for d, _, files in os.walk(ray_tmp) for f in files]
+    assert any("runtime_env" in p for p in logs), logs[:20]
+    _files_hold_no_secret(ray_tmp)
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("run/tune/") for k in keys) and any(k.startswith("run/models/unlearned-") for k in keys)
+    for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for name, secret in SECRETS.items():
+            assert secret.encode() not in body, f"{name} found in s3://{bucket}/{key}"
+    for secret in SECRETS.values():
+        assert secret not in r.stdout and secret not in r.stderr
+    assert not _wait_no_ray_processes(ray_tmp), "the local Ray that the driver started still runs"
+
+
 def test_forwarded_env_holds_no_credential(monkeypatch):
     from farm.settings import FORWARDED_ENV, forwarded_env
 

@@ -2,6 +2,7 @@
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -255,6 +256,77 @@ def test_damaged_parent_weights_fail_unlearning_and_verify_retrains_them(base_ru
     result = run_local(prep, progress=False)
     assert not result.failed and sorted(RunStore(uri).verified_models()) == TINY_IDS
     assert open(path, "rb").read() == open(os.path.join(base_run, "weights", "original-00000.pt"), "rb").read()
+
+
+class _CountingFS:
+    """The one filesystem call a projected read makes, on a local file, counting the bytes handed out."""
+
+    def __init__(self):
+        import pyarrow.fs as pafs
+
+        self.local, self.read = pafs.LocalFileSystem(), 0
+
+    def open_input_file(self, path):
+        import pyarrow as pa
+
+        handler, inner = self, self.local.open_input_file(path)
+
+        class Counting(io.RawIOBase):
+            def readinto(self, buf):
+                data = inner.read(len(buf))
+                handler.read += len(data)
+                buf[: len(data)] = data
+                return len(data)
+
+            def seek(self, pos, whence=0):
+                return inner.seek(pos, whence)
+
+            def tell(self):
+                return inner.tell()
+
+            def readable(self):
+                return True
+
+            def seekable(self):
+                return True
+
+        return pa.PythonFile(Counting(), mode="r")
+
+
+def test_projected_reads_fetch_only_the_used_columns_and_check_their_pages(tmp_path):
+    store, _ = _small_store(tmp_path / "run", n_e=4000, n_q=2)
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4000, 2, 10)).astype(np.float32)
+    table = logits_table(rng.integers(0, 10, 4000), logits, rng.random(4000) < 0.5, np.zeros(4000, bool), True)
+    marker = store.write_model("shadow-00000", table, {"role": "shadow"})
+    assert marker["page_checksums"] is True
+    cols = ["conf", "trained_on", "forgotten"]
+    reader = RunStore(str(tmp_path / "run"))
+    reader.fs = counter = _CountingFS()
+    projected = reader.read_logits("shadow-00000", marker, columns=cols)
+    whole = RunStore(str(tmp_path / "run")).read_logits("shadow-00000", marker, columns=cols, whole_file=True)
+    assert projected.equals(whole)
+    md = pq.ParquetFile(str(tmp_path / "run" / "logits" / "shadow-00000.parquet")).metadata.row_group(0)
+    used = sum(md.column(i).total_compressed_size for i in range(md.num_columns) if md.column(i).path_in_schema in cols)
+    # the used columns' pages and Parquet's speculative 64 KiB read of the footer, nothing else
+    assert used <= counter.read <= used + 65_536 + 1024 and counter.read < marker["bytes"] / 3
+    # a flipped byte inside conf's page: the projected read names it; the sha256 read too
+    path = tmp_path / "run" / "logits" / "shadow-00000.parquet"
+    conf = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == "conf")
+    data = bytearray(path.read_bytes())
+    data[conf.data_page_offset + 1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="fails its page checksums .*ufarm run --verify. retrains it"):
+        RunStore(str(tmp_path / "run")).read_logits("shadow-00000", marker, columns=cols)
+    with pytest.raises(StoreError, match="fails its checksum"):
+        RunStore(str(tmp_path / "run")).read_logits("shadow-00000", marker, columns=cols, whole_file=True)
+    # a file from before page checksums (no marker flag) is read whole and checked against its sha256
+    with pytest.raises(StoreError, match="fails its checksum"):
+        RunStore(str(tmp_path / "run")).read_logits("shadow-00000", {**marker, "page_checksums": None}, columns=cols)
+    # a file of another size than its marker says
+    path.write_bytes(bytes(data) + b"x")
+    with pytest.raises(StoreError, match="has .* bytes, its marker"):
+        RunStore(str(tmp_path / "run")).read_logits("shadow-00000", marker, columns=cols)
 
 
 def test_examples_checksum_in_manifest_and_checked(tmp_path):

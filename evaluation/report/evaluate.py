@@ -269,13 +269,15 @@ def _report(run: RunContents, sel: ExampleSelection, settings: ReportSettings, s
 
 def evaluate_store(uri: str, out: str | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
                    max_examples: int | None = DEFAULT_MAX_EXAMPLES, seed: int = 0, progress: bool = True,
-                   rmia_a: float = DEFAULT_RMIA_A, rmia_gamma: float = DEFAULT_RMIA_GAMMA) -> dict:
+                   rmia_a: float = DEFAULT_RMIA_A, rmia_gamma: float = DEFAULT_RMIA_GAMMA,
+                   verify: bool = False) -> dict:
     """Evaluate the run store at ``uri`` and write report.json, report.md, per-example Parquet files and
     PNG figures to ``out`` (default ``<run>/report/``; a local folder or s3://).  ``method`` restricts
     the unlearning part to one method (its name, or ``<method>-<hparams hash>``).  ``max_examples``
     caps the forget examples (and each control sample) of the per-example unlearning statistics (a
     seeded sample; None = all).  ``n_boot`` is the number of draws behind the equal-count F and F_null.
-    ``rmia_a`` and ``rmia_gamma`` set RMIA's offline a and its threshold gamma.  Returns the report as a dict,
+    ``rmia_a`` and ``rmia_gamma`` set RMIA's offline a and its threshold gamma.  ``verify`` reads whole logits
+    files against their markers' sha256 instead of only the columns used (each page against its CRC-32).  Returns the report as a dict,
     plus ``out`` and ``files``.
 
     Raises ReportError (a StoreError and a ValueError) when the store is not a run store, the method
@@ -283,7 +285,7 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     """
     t0 = time.perf_counter()
     settings = ReportSettings(n_boot, max_examples, seed, rmia_a, rmia_gamma, method)
-    run = open_run(uri, method)
+    run = open_run(uri, method, whole_file=verify)
     _check_enough_models(run)
     sel = select_examples(run.split, run.forget, max_examples, seed)
     output = ReportWriter(run.store, out)

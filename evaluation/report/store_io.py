@@ -47,6 +47,7 @@ class RunContents:
     by_role: dict[str, list[str]]  # role -> sorted model ids
     groups: dict[str, UnlearnedGroup]  # the unlearned models asked for, by <method>-<hash>
     broken: list[str]  # models with a marker but a missing or truncated logits file
+    whole_file: bool = False  # read whole logits files against their sha256, not the used columns' pages
 
 
 def unlearned_groups(markers: dict[str, dict]) -> dict[str, UnlearnedGroup]:
@@ -63,9 +64,10 @@ def unlearned_groups(markers: dict[str, dict]) -> dict[str, UnlearnedGroup]:
     return {key: UnlearnedGroup(key, *fields) for key, fields in found.items()}
 
 
-def open_run(uri: str, method: str | None = None) -> RunContents:
+def open_run(uri: str, method: str | None = None, whole_file: bool = False) -> RunContents:
     """Read what the run at ``uri`` holds; ``method`` (a method name or ``<method>-<hash>``) keeps that method's
-    unlearned models only.  Raises ReportError when ``uri`` is not a run store or has no such method."""
+    unlearned models only; ``whole_file`` reads whole logits files against their sha256 (else only the
+    columns used, each page against its CRC-32).  Raises ReportError when ``uri`` is not a run store or has no such method."""
     store = RunStore(uri)
     store.check_reachable()
     manifest = store.read_manifest()
@@ -88,7 +90,8 @@ def open_run(uri: str, method: str | None = None) -> RunContents:
         example_ids=ex.column("example_id").to_numpy().astype(np.int64),
         split=np.asarray(ex.column("split").to_numpy(zero_copy_only=False)).astype(str),
         forget=np.asarray(ex.column("forget").to_numpy(zero_copy_only=False), dtype=bool),
-        markers=intact, by_role=by_role, groups=groups, broken=sorted(set(markers) - set(intact)))
+        markers=intact, by_role=by_role, groups=groups, broken=sorted(set(markers) - set(intact)),
+        whole_file=whole_file)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class Conf:
 
 def read_conf(run: RunContents, model_ids: list[str]) -> Conf:
     """RunStore.read_conf of ``model_ids``; models with NaN or infinite conf are listed and left out."""
-    sc = run.store.read_conf(model_ids=model_ids)
+    sc = run.store.read_conf(model_ids=model_ids, whole_file=run.whole_file)
     keep, nonfinite = [], []
     for k, mid in enumerate(sc.model_ids):
         c = sc.conf[k]

@@ -3,12 +3,15 @@ the benchmark baseline. Gives bit-identical models to the Ray executor on the CP
 from __future__ import annotations
 
 import time
+import logging
 import traceback
 
 from farm.train.engine import Engine
 
 from .prepare import PreparedRun, RunResult
 from .scheduler import Scheduler
+
+log = logging.getLogger("ufarm")
 
 
 def run_local(prep: PreparedRun, progress: bool = True, device: str | None = None,
@@ -22,6 +25,7 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
         engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
         batch_models = prep.spec.resources.batch_models
         k = 1 if engine is None else engine.batch_capacity() if batch_models == "auto" else int(batch_models)
+        log.info("plain loop: %d threads, up to %d models per stacked batch, %d jobs", threads, k, len(prep.pending))
         while sched.queue:
             jobs = sched.take(k)
             try:

@@ -3,18 +3,20 @@ examples under the store's lease, and find the models already committed. Nothing
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from farm.data import Dataset, load_dataset
 from farm.plan import Job, Plan, make_plan
-from farm.spec import Spec
+from farm.spec import Spec, SpecError
 from farm.store import FORMAT_VERSION, RunStore, examples_table
 from farm.train.engine import RunContext
 from farm.train.methods import get_method
 
+log = logging.getLogger("ufarm")
 
-@dataclass
+
 @dataclass
 class RunResult:
     store: str
@@ -32,6 +34,7 @@ class PreparedRun:
     dataset: Dataset
     plan: Plan
     done: dict[str, dict]  # model_id -> marker of models already committed and intact
+    beyond: dict[str, int] = field(default_factory=dict)  # role -> committed models this plan does not hold
 
     @property
     def pending(self) -> list[Job]:
@@ -78,6 +81,26 @@ def prepare_run(spec: Spec, store_uri: "str | RunStore", verify: bool = False) -
                                                                      dataset.groups, plan.forget))
     planned = {j.model_id for j in plan.jobs}
     committed = store.verified_models() if verify else store.intact_models()
+    log.info("store %s: %d models committed%s; the plan has %d", store.uri, len(committed),
+             " (every file's sha256 checked)" if verify else "", len(plan.jobs))
     done = {mid: m for mid, m in committed.items() if mid in planned}
-    return PreparedRun(spec, store, dataset, plan, done)
+    check_parents(plan, done, store.uri)
+    beyond: dict[str, int] = {}
+    for mid in sorted(set(committed) - planned):
+        role = committed[mid].get("role", "unknown")
+        beyond[role] = beyond.get(role, 0) + 1
+    return PreparedRun(spec, store, dataset, plan, done, beyond)
+
+
+def check_parents(plan: Plan, done: dict[str, dict], uri: str) -> None:
+    """Unlearned model i starts from original i mod counts.original: a committed unlearned model made from
+    another original than this plan names (counts.original changed after it was made) is refused."""
+    for job in plan.jobs:
+        marker = done.get(job.model_id)
+        if job.role == "unlearned" and marker is not None and marker.get("parent") != job.parent:
+            raise SpecError(
+                f"counts.original: store {uri} holds {job.model_id} made from {marker.get('parent')}, but with "
+                f"{plan.spec.count('original')} originals this spec starts it from {job.parent}; keep "
+                "counts.original as it was when unlearned models were added (grow originals first), or use "
+                "another store")
 

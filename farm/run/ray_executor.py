@@ -62,6 +62,7 @@ def ensure_ray(address: str | None = None) -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(**kwargs)
+    log.info("Ray %s: %s", "joined" if address else "started locally", address or ray.cluster_resources())
     _INITIALISED_RAY = True
     if callable(sigterm):  # Ray replaces it; the caller's own (farm.cli: SIGTERM ends a run like Ctrl-C) stays
         signal.signal(signal.SIGTERM, sigterm)
@@ -256,6 +257,8 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
         n_workers = worker_count(prep.spec, len(prep.pending), max_workers)
         idle = [Actor.remote(ctx_ref, threads) for _ in range(n_workers)]
         k = int(ray.get(idle[0].batch_capacity.remote())) if res.batch_models == "auto" else int(res.batch_models)
+        log.info("%d Ray workers (%g CPU, %g GPU each), up to %d models per stacked batch, %d jobs", n_workers,
+                 res.cpus, res.gpus, k, len(prep.pending))
         inflight: dict = {}
         try:
             while sched.queue or inflight:

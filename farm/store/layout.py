@@ -153,7 +153,8 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     """A logits table as Parquet bytes, with encodings chosen by measurement (docs/store.md): example ids,
     sorted, delta-packed; the alternating query column Snappy-compressed; everything else plain, with no
     dictionaries and no compression (random floats do not compress; a dictionary for pred saves 0.5 MB a
-    file at 70,000 x 2 rows but costs more time in encoding than it saves in hashing and writing)."""
+    file at 70,000 x 2 rows but costs more time in encoding than it saves in hashing and writing). Every
+    page carries a CRC-32, so a reader that fetches only some columns still checks what it read."""
     present = set(table.column_names)
     encoding = {c: "PLAIN" for c in ("query", "conf", "pred", "trained_on", "forgotten") if c in present}
     encoding["example_id"] = "DELTA_BINARY_PACKED"
@@ -161,7 +162,7 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     compression["query"] = "snappy"
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=compression, use_dictionary=False, column_encoding=encoding,
-                   write_statistics=False)
+                   write_statistics=False, write_page_checksum=True)
     return sink.getvalue()
 
 

@@ -265,6 +265,7 @@ class StoreLease:
     # -------------------------------------------------------------------------------------- both
     def acquire(self) -> "StoreLease":
         (self._acquire_s3 if self.store.is_s3 else self._acquire_local)()
+        log.debug("store %s: lease taken (token %s)", self.store.uri, self.store.token)
         return self
 
     def release(self) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .filesystem import StoreFiles
+from .filesystem import StoreFiles, retry_transient
 from .layout import (FORMAT_VERSION, StoreConf, StoreError, check_compatible, check_model_id, first_line, is_count,
                      is_model_id, marker_problem, parquet_bytes, printable_name, short)
 from .lease import StoreLease
@@ -287,6 +287,7 @@ class RunStore(StoreFiles):
         self.write_bytes(f"logits/{model_id}.parquet", data)
         marker = {**marker, "model_id": model_id, "logits": f"logits/{model_id}.parquet",
                   "sha256": hashlib.sha256(data).hexdigest(), "bytes": data.size, "rows": table.num_rows,
+                  "page_checksums": True,
                   "weights": f"weights/{model_id}.pt" if weights is not None else None,
                   "weights_sha256": hashlib.sha256(weights).hexdigest() if weights is not None else None,
                   "weights_bytes": memoryview(weights).nbytes if weights is not None else None,
@@ -315,13 +316,19 @@ class RunStore(StoreFiles):
         return data
 
     def read_logits(self, model_id: str, marker: dict, columns: list[str] | None = None,
-                    verify: bool = True) -> pa.Table:
-        """logits/<model_id>.parquet (the key derived from the id, never a path from the marker), checked
-        against the marker's sha256."""
+                    verify: bool = True, whole_file: bool = False) -> pa.Table:
+        """logits/<model_id>.parquet (the key derived from the id, never a path from the marker), checked.
+
+        Some columns of a file written with page checksums (marker `page_checksums`) are read alone: on S3
+        ranged reads of the footer and those columns' pages, each page checked against its CRC-32, and the
+        file's size against the marker. Otherwise (or with whole_file=True) the whole file is read and
+        checked against the marker's sha256, as `ufarm run --verify` does."""
         rel = f"logits/{check_model_id(model_id)}.parquet"
         problem = marker_problem(model_id, marker)
         if problem:
             raise StoreError(f"model {model_id}: its marker {problem}")
+        if verify and columns is not None and not whole_file and marker.get("page_checksums") is True:
+            return self._read_columns(model_id, rel, marker, columns)
         data = self.read_bytes(rel)
         if verify:
             digest = hashlib.sha256(data).hexdigest()
@@ -334,8 +341,23 @@ class RunStore(StoreFiles):
         except pa.ArrowException as exc:
             raise StoreError(f"model {model_id}: logits file {rel} is not readable ({first_line(exc)})") from None
 
+    def _read_columns(self, model_id: str, rel: str, marker: dict, columns: list[str]) -> pa.Table:
+        def read():
+            with self.fs.open_input_file(self.path(rel)) as fh:
+                if fh.size() != marker["bytes"]:
+                    raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
+                                     f"{marker['bytes']}; `ufarm run` retrains it")
+                return pq.ParquetFile(fh, page_checksum_verification=True).read(columns=columns, use_threads=False)
+        try:
+            return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
+        except FileNotFoundError:
+            raise StoreError(f"model {model_id}: logits file {rel} does not exist; `ufarm run` retrains it") from None
+        except (pa.ArrowException, OSError) as exc:  # a page whose CRC-32 fails, or a file Parquet cannot read
+            raise StoreError(f"model {model_id}: logits file {rel} fails its page checksums or is not readable "
+                             f"({first_line(exc)}); `ufarm run --verify` retrains it") from None
+
     def read_conf(self, model_ids: list[str] | None = None, roles: tuple[str, ...] | None = None,
-                  verify: bool = True) -> StoreConf:
+                  verify: bool = True, whole_file: bool = False) -> StoreConf:
         """conf[models, examples, queries] (float32) with roles and per-example membership, for the given
         models (default: every committed model, optionally only some roles), in model-id order."""
         markers = self.markers()
@@ -356,7 +378,8 @@ class RunStore(StoreFiles):
 
         def load(i_mid):
             i, mid = i_mid
-            t = self.read_logits(mid, markers[mid], columns=["conf", "trained_on", "forgotten"], verify=verify)
+            t = self.read_logits(mid, markers[mid], columns=["conf", "trained_on", "forgotten"], verify=verify,
+                                 whole_file=whole_file)
             if t.num_rows != n_e * n_q:
                 raise StoreError(f"model {mid}: logits file has {t.num_rows} rows, the run has {n_e} x {n_q}")
             conf[i] = t.column("conf").to_numpy().reshape(n_e, n_q)

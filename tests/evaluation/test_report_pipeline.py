@@ -1,4 +1,4 @@
-"""The report's numbers after it was split into sections: the ROC helpers (now on sklearn's roc_curve) against
+"""The report's numbers after it was split into sections: the ROC helpers (roc_curve now sklearn's) against
 the hand-written sweeps they replaced and against brute force, and a synthetic store's report against
 independent computations and against the figures the report gave before it was split (same store, same seed)."""
 import os
@@ -95,6 +95,11 @@ def test_roc_jackknife_equals_the_sweep_it_replaced():
         assert fig["dof"] == 3
         m = roc_metrics(s, y, fprs)
         assert fig["auc"] == m["auc"] and fig["tpr_at_fpr"] == m["tpr_at_fpr"]
+    # infinite scores: one curve point per distinct score, as sklearn's curve (on ranks) has it
+    s, y = _scores(rng, 500)
+    s[:5], s[5:8] = np.inf, -np.inf
+    fig, m = roc_jackknife(s, y, [], fprs, grid), roc_metrics(s, y, fprs)
+    assert fig["auc"] == m["auc"] and fig["tpr_at_fpr"] == m["tpr_at_fpr"]
 
 
 # ----------------------------------------------------------------------- a report, number by number

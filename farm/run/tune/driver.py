@@ -240,7 +240,7 @@ def run_search(spec: Spec, store_uri: str, *, address: str | None = None, restar
         if complete and ts.baseline:
             method = get_method(ts.method)
             searched, _ = param_space(ts, method)
-            defaults = {k: method.space[k].default for k in searched if k in method.space}
+            defaults = {k: v for k, v in method.defaults.items() if k in searched}
             hp = trial_hparams(method, defaults, setup.fixed, setup.seed)
             m = score_hparams(setup, hp)
             baseline = {"trial_id": "default", "status": "BASELINE", "hparams": json.dumps(hp, sort_keys=True),
