@@ -17,7 +17,7 @@ from farm.data import DataError, load_dataset
 from farm.export import add_parser as add_export
 from farm.export import cmd_export
 from farm.plan import make_plan
-from farm.settings import SettingsError, redact
+from farm.settings import Settings, SettingsError, redact
 from farm.spec import SpecError, load_spec, preset_names
 from farm.status import plan_summary, summarize
 from farm.store import RunStore, StoreError
@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    Settings.from_env()  # a bad environment setting fails here, in one line, before anything runs
     if hasattr(args, "split_args"):  # a command whose positional arguments say where the store is
         args.split_args(args)
     if hasattr(args, "store_opt"):

@@ -482,3 +482,15 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_stops_its_ray(tmp_path, ray_tmp):
     committed = RunStore(str(store)).intact_models()
     assert 2 <= len(committed) < 13
     assert not _wait_no_ray_processes(ray_tmp), "the local Ray that the driver started still runs"
+
+
+@pytest.mark.parametrize("name,value,needle", [
+    ("UFARM_S3_RETRIES", "many", "UFARM_S3_RETRIES must be an integer, got 'many'"),
+    ("UFARM_LEASE_SECONDS", "-1", "UFARM_LEASE_SECONDS must be a finite number >= 0.5, got '-1'"),
+    ("UFARM_S3_REQUEST_TIMEOUT", "nan", "UFARM_S3_REQUEST_TIMEOUT must be a finite number >= 0.1, got 'nan'"),
+])
+def test_a_bad_environment_setting_is_one_line(name, value, needle, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(name, value)
+    assert main(["status", "--store", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip() == f"ufarm: error: {needle}"
+    assert not (tmp_path / "none").exists()
