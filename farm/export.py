@@ -440,7 +440,8 @@ def cmd_export(args) -> int:
             raise StoreError("--roles applies to --to wide; --to lira exports the shadow models")
         r = export_lira(args.store, args.dest, progress=progress, force=force)
         line = (f"exported {r['models']} shadow models x {r['examples']} train examples x {r['queries']} queries "
-                f"to {r['dest']} in the LiRA layout (experiment-<i>_{r['models']}/keep.npy, scores/); see its README.txt")
+                f"to {r['dest']} in the LiRA layout (experiment-<i>_{r['models']}/keep.npy, scores/); "
+                "see its README.txt")
         if r["models"] < LIRA_MIN_SHADOWS:
             line += f"; plot.py needs at least {LIRA_MIN_SHADOWS} shadows"
     elif args.to == "wide":

@@ -545,7 +545,7 @@ def test_every_executor_and_tune_hold_the_lease(base_run, tmp_path):
     from farm.run.tune import run_search
 
     uri = _copy(base_run, tmp_path)
-    prep = prepare_run(_spec(counts={"original": 2, "retrain": 2, "shadow": 2}), uri)
+    prep = prepare_run(_spec(counts={"original": 1, "retrain": 3, "shadow": 2}), uri)
     assert prep.pending
     tune = {"method": "finetune", "search": "grid", "params": {"lr": [0.01]}, "models": 2}
     with RunStore(uri).lease():

@@ -64,10 +64,19 @@ def test_write_read_roundtrip_and_checksum(tmp_path):
     assert list(shadows.roles) == ["shadow", "shadow"]
     # corrupt one file: the reader names the model; the cheap size check flags it for retraining
     path = tmp_path / "run" / "logits" / "shadow-00001.parquet"
-    data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF
+    pristine = path.read_bytes()
+    data = bytearray(pristine)
+    data[100] ^= 0xFF  # in a column the evaluation does not read: only the whole-file check sees it
     path.write_bytes(bytes(data))
+    assert np.array_equal(store.read_conf().conf, got.conf)
     with pytest.raises(StoreError, match="model shadow-00001: logits file .* fails its checksum"):
+        store.read_conf(whole_file=True)
+    md = pq.ParquetFile(path).metadata.row_group(0)
+    conf = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema == "conf")
+    data = bytearray(pristine)
+    data[conf.data_page_offset + conf.total_compressed_size - 8] ^= 0xFF  # inside conf's page: its CRC fails
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="model shadow-00001: logits file .* fails its page checksums"):
         store.read_conf()
     path.write_bytes(bytes(data[:-10]))
     assert "shadow-00001" not in store.intact_models()
@@ -162,3 +171,14 @@ def test_s3_missing_bucket_and_unreachable_endpoint(s3_server, monkeypatch):
     monkeypatch.setenv("UFARM_S3_ATTEMPTS", "1")
     with pytest.raises(StoreError, match="cannot reach the S3 store"):
         RunStore("s3://any/run").check_reachable()
+
+
+def test_retry_back_off_is_jittered_and_capped():
+    """Full jitter: actors throttled together must not retry together; never more than 8 s."""
+    from farm.store.filesystem import backoff_seconds
+
+    for attempt in range(12):
+        cap = min(8.0, 0.25 * 2 ** attempt)
+        delays = [backoff_seconds(attempt) for _ in range(200)]
+        assert all(0.0 <= d <= cap for d in delays)
+        assert len(set(delays)) > 150 and max(delays) > 0.8 * cap and min(delays) < 0.2 * cap

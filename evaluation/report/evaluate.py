@@ -277,8 +277,8 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     caps the forget examples (and each control sample) of the per-example unlearning statistics (a
     seeded sample; None = all).  ``n_boot`` is the number of draws behind the equal-count F and F_null.
     ``rmia_a`` and ``rmia_gamma`` set RMIA's offline a and its threshold gamma.  ``verify`` reads whole logits
-    files against their markers' sha256 instead of only the columns used (each page against its CRC-32).  Returns the report as a dict,
-    plus ``out`` and ``files``.
+    files against their markers' sha256 instead of only the columns used (each page against its CRC-32).
+    Returns the report as a dict, plus ``out`` and ``files``.
 
     Raises ReportError (a StoreError and a ValueError) when the store is not a run store, the method
     is unknown, or the store has too few models for any statistic.

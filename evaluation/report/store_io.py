@@ -67,7 +67,8 @@ def unlearned_groups(markers: dict[str, dict]) -> dict[str, UnlearnedGroup]:
 def open_run(uri: str, method: str | None = None, whole_file: bool = False) -> RunContents:
     """Read what the run at ``uri`` holds; ``method`` (a method name or ``<method>-<hash>``) keeps that method's
     unlearned models only; ``whole_file`` reads whole logits files against their sha256 (else only the
-    columns used, each page against its CRC-32).  Raises ReportError when ``uri`` is not a run store or has no such method."""
+    columns used, each page against its CRC-32).  Raises ReportError when ``uri`` is not a run store or has no
+    such method."""
     store = RunStore(uri)
     store.check_reachable()
     manifest = store.read_manifest()

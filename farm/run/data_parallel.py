@@ -21,6 +21,7 @@ from farm.train.engine import Engine
 from farm.train.loops import augment_batch, autocast, predict_logits, set_determinism
 
 from .prepare import PreparedRun, RunResult
+from .ray_executor import ensure_ray, keep_credentials_out_of_tune
 from .scheduler import Scheduler, log
 
 PLAN_ROLES = ("original", "retrain", "shadow")
@@ -80,14 +81,13 @@ def run_distributed(prep: PreparedRun, workers: int, *, use_gpu: bool, progress:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .ray_executor import ensure_ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
-
     with prep.store.lease():  # one writer at a time, for every job of the run
         started = time.perf_counter()
         sched = Scheduler(prep, progress)
         if not prep.pending:
             return sched.finish(started)
         ensure_ray(address)
+        keep_credentials_out_of_tune()  # Ray Train's v1 path (RAY_TRAIN_V2_ENABLED=0) runs through Tune
         res = prep.spec.resources
         ctx_ref = ray.put(prep.context())
         left = [j for j in list(sched.queue) + sched.waiting if j.role not in PLAN_ROLES]

@@ -2,8 +2,8 @@
 the benchmark baseline. Gives bit-identical models to the Ray executor on the CPU."""
 from __future__ import annotations
 
-import time
 import logging
+import time
 import traceback
 
 from farm.train.engine import Engine

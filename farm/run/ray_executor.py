@@ -30,10 +30,11 @@ _INITIALISED_RAY = False  # ensure_ray called ray.init in this process (shutdown
 
 
 def keep_credentials_out_of_tune() -> None:
-    """Ray Tune (and Ray Train, which runs its workers through Tune) copies the driver's AWS credential
+    """Ray Tune (and Ray Train's v1 path, which runs through Tune) copies the driver's AWS credential
     variables into every trial actor's runtime_env, which Ray writes into its session logs. Take them off
     Tune's list: workers find credentials the way AWS tools do (a local Ray's workers inherit the
-    driver's environment when Ray starts). Ray is pinned in pyproject; a test searches Ray's logs."""
+    driver's environment when Ray starts). Called by the Tune and Ray Train drivers before they create
+    actors. Ray is pinned in pyproject; a test searches Ray's logs."""
     from ray.tune.execution import class_cache  # Ray's private list; no public switch exists
 
     for name in (*SECRET_ENV, "AWS_SECURITY_TOKEN"):
@@ -45,11 +46,10 @@ def ensure_ray(address: str | None = None) -> None:
 
     A local Ray started here inherits this process's environment, credentials included; workers of a
     cluster find theirs the way AWS tools do (their environment, profile or instance role). Only the
-    non-secret settings of farm.settings (forwarded_env) travel in Ray's runtime_env, which Ray writes into its logs."""
+    non-secret settings of farm.settings (forwarded_env) travel in Ray's runtime_env, which Ray logs."""
     import ray  # Ray on demand: farm.run also serves the plain loop, on machines without Ray
 
     global _INITIALISED_RAY
-    keep_credentials_out_of_tune()
     if ray.is_initialized():
         return
     address = address or Settings.from_env().ray_address
@@ -81,8 +81,6 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-# The only environment variables the driver hands its Ray workers: where the store is and how to reach it.
-# Never credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN): Ray writes runtime_env
 AUTOSCALER_WAIT_SECONDS = 900.0  # default wait for a node big enough when the cluster has an autoscaler
 
 
@@ -97,7 +95,7 @@ def _cluster_autoscales() -> bool:
     if _INITIALISED_RAY and node is not None and getattr(node, "head", False):
         return False
     try:
-        # Ray on demand: farm.run also serves the plain loop, on machines without Ray
+        # Ray's private key-value store: no public API reads the autoscaler's report
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get("__autoscaling_status")

@@ -40,7 +40,7 @@ from farm.train.methods import get_method
 
 from ..local import run_local
 from ..prepare import build_manifest, prepare_run
-from ..ray_executor import ensure_ray, run_ray
+from ..ray_executor import ensure_ray, keep_credentials_out_of_tune, run_ray
 from .space import param_space, parse_tune, trial_hparams
 from .trial import TrialSetup, score_hparams, trainable
 
@@ -224,6 +224,7 @@ def run_search(spec: Spec, store_uri: str, *, address: str | None = None, restar
     # one writer at a time for the whole search: the reference models it may train and every trial's models
     with store.lease():
         ensure_ray(address)
+        keep_credentials_out_of_tune()
         # trials run in the user's folder, not Tune's trial folder: relative method paths keep their meaning
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         setup = prepare_setup(spec, ts, store, address=address, local=local_reference, progress=progress)
