@@ -41,10 +41,10 @@ case "$cmd" in
   run) [ $# -ge 2 ] || { echo "usage: cluster.sh run SPEC s3://bucket/run" >&2; exit 2; }
        need_s3 "$2"; submit ufarm run "$1" --store "$2" --address auto --no-progress ;;
   evaluate) [ $# -ge 1 ] || { echo "usage: cluster.sh evaluate s3://bucket/run" >&2; exit 2; }
-       need_s3 "$1"; submit ufarm evaluate "$1" --no-progress ;;
+       need_s3 "$1"; submit ufarm evaluate --store "$1" --no-progress ;;
   tune) [ $# -ge 2 ] || { echo "usage: cluster.sh tune SPEC s3://bucket/run" >&2; exit 2; }
        need_s3 "$2"; submit ufarm tune "$1" --store "$2" --address auto --no-progress ;;
   status) [ $# -ge 1 ] || { echo "usage: cluster.sh status s3://bucket/run" >&2; exit 2; }
-       .venv/bin/ufarm status "$1" ;;
+       .venv/bin/ufarm status --store "$1" ;;
   *) sed -n '2,12p' "$0"; exit 2 ;;
 esac
