@@ -62,7 +62,8 @@ def ensure_ray(address: str | None = None) -> None:
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(**kwargs)
-    log.info("Ray %s: %s", "joined" if address else "started locally", address or ray.cluster_resources())
+    if log.isEnabledFor(logging.INFO):  # cluster_resources asks the cluster: only when -v shows it
+        log.info("Ray %s: %s", "joined" if address else "started locally", address or ray.cluster_resources())
     _INITIALISED_RAY = True
     if callable(sigterm):  # Ray replaces it; the caller's own (farm.cli: SIGTERM ends a run like Ctrl-C) stays
         signal.signal(signal.SIGTERM, sigterm)

@@ -231,21 +231,21 @@ class RunStore(StoreFiles):
         """(every usable marker, the intact ones among them) from one listing of models/ and logits/, with
         damaged or foreign entries of both named in one warning line."""
         damaged: list = []
+        found = self._scan(damaged)
+        self._warn_damaged(damaged)
+        return found
+
+    def _scan(self, damaged: list) -> tuple[dict[str, dict], dict[str, dict]]:
+        """catalog() without its warning: damaged entries are appended to `damaged`."""
         sizes = self.logits_sizes(damaged)
         markers = self.markers(damaged)
-        self._warn_damaged(damaged)
         return markers, {mid: m for mid, m in markers.items() if sizes.get(mid) == m.get("bytes")}
 
-    def intact_models(self, _damaged: list | None = None) -> dict[str, dict]:
+    def intact_models(self) -> dict[str, dict]:
         """Markers whose logits file exists with the recorded size: a cheap check (one listing) that
-        catches deleted or truncated files; the sha256 is checked when a file is read. Damaged or foreign
-        entries of models/ and logits/ are named in one warning line."""
-        damaged = [] if _damaged is None else _damaged
-        sizes = self.logits_sizes(damaged)
-        intact = {mid: m for mid, m in self.markers(damaged).items() if sizes.get(mid) == m.get("bytes")}
-        if _damaged is None:
-            self._warn_damaged(damaged)
-        return intact
+        catches deleted or truncated files; the contents are checked when a file is read. Damaged or
+        foreign entries of models/ and logits/ are named in one warning line (catalog)."""
+        return self.catalog()[1]
 
     def _verify_problem(self, model_id: str, marker: dict) -> tuple[str, str] | None:
         rel = f"logits/{model_id}.parquet"
@@ -272,7 +272,7 @@ class RunStore(StoreFiles):
         """Markers whose logits file, and weights file where the marker records one, match the recorded
         sha256 (reads every file; `ufarm run --verify`). The others are named in one warning line."""
         damaged: list[tuple[str, str]] = []
-        intact = self.intact_models(damaged)
+        _, intact = self._scan(damaged)
         with ThreadPoolExecutor(max_workers=8) as pool:
             problems = list(pool.map(lambda item: self._verify_problem(*item), intact.items()))
         self._warn_damaged(damaged + [p for p in problems if p is not None])
