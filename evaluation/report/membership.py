@@ -27,8 +27,8 @@ from ..lira import (gaussian_check, lira_leave_pair_out, pair_vulnerability, pai
 from ..precision import JACKKNIFE_GROUPS, assign_groups, jackknife_se, models_needed, roc_jackknife, t_interval
 from ..rmia import rmia_leave_pair_out
 
-__all__ = ["MembershipResult", "RocCurve", "membership_section", "too_few_shadows", "shadow_partners",
-           "LIRA_MODES", "FPRS", "MIN_SHADOWS", "AUC_HALF_WIDTH", "PER_EXAMPLE_VARIANCE_MIN_REFS"]
+__all__ = ["MembershipResult", "RocCurve", "ShadowSetup", "membership_section", "too_few_shadows", "shadow_partners",
+           "shadow_setup", "lira_mode", "LIRA_MODES", "FPRS", "MIN_SHADOWS", "AUC_HALF_WIDTH", "PER_EXAMPLE_VARIANCE_MIN_REFS"]
 
 LIRA_MODES = ("online", "offline", "global")
 FPRS = (1e-3, 1e-2)
@@ -139,16 +139,22 @@ def _curve(fig: dict, dof: int) -> RocCurve:
                     np.clip(fig["grid_tpr"] + half, 0, 1))
 
 
-def _lira_modes(conf_tr, member, partner, variance: str, jk: _Jackknife, status) -> tuple[dict, dict, np.ndarray]:
+def lira_mode(conf_tr, member, setup: "ShadowSetup", mode: str) -> tuple[dict, RocCurve, np.ndarray]:
+    """One LiRA mode's figures with their precision, as the report gives them -> (fields, curve, scores[M, T])."""
+    jk = setup.jk
+    scores = lira_leave_pair_out(conf_tr, member, setup.refs.partner, mode=mode, variance=setup.variance)
+    ok = np.isfinite(scores)
+    fig = roc_jackknife(scores[ok], member[ok], [(c[ok], k) for c, k in jk.cells(member.shape)], FPRS, ROC_GRID)
+    return ({**_precision_fields(fig, jk.dof, member.shape[0]), "n_cells": int(ok.sum())}, _curve(fig, jk.dof),
+            scores)
+
+
+def _lira_modes(conf_tr, member, setup: "ShadowSetup", status) -> tuple[dict, dict, np.ndarray]:
     """Every LiRA mode's figures -> (section per mode, curves, the online scores)."""
-    modes, curves, cells = {}, {}, jk.cells(member.shape)
+    modes, curves = {}, {}
     for mode in LIRA_MODES:
         status(f"LiRA {mode} leave-pair-out")
-        scores = lira_leave_pair_out(conf_tr, member, partner, mode=mode, variance=variance)
-        ok = np.isfinite(scores)
-        fig = roc_jackknife(scores[ok], member[ok], [(c[ok], k) for c, k in cells], FPRS, ROC_GRID)
-        curves[f"LiRA {mode}"] = _curve(fig, jk.dof)
-        modes[mode] = {**_precision_fields(fig, jk.dof, member.shape[0]), "n_cells": int(ok.sum())}
+        modes[mode], curves[f"LiRA {mode}"], scores = lira_mode(conf_tr, member, setup, mode)
         if mode == "online":
             online = scores
     return modes, curves, online
@@ -219,34 +225,56 @@ def _notes(section: dict) -> list[str]:
     return notes
 
 
+@dataclass(frozen=True)
+class ShadowSetup:
+    """How the shadows score each other: references, the variance rule and the jackknife groups."""
+    refs: _References
+    per_side: int  # the fewest IN (and OUT) references any train example keeps
+    variance: str = ""  # per_example or global
+    jk: _Jackknife | None = None
+    message: str | None = None  # why LiRA cannot run (then variance and jk are unset)
+
+
+def shadow_setup(ids: list[str], member: np.ndarray, seed: int = 0) -> ShadowSetup:
+    """The references, variance rule and jackknife groups of the shadows ``ids`` with train membership
+    member[M, T], or a message when they leave some example without an IN or an OUT reference."""
+    m, n_train = member.shape
+    refs = _references(ids, member, seed)
+    n_in = member.sum(0)
+    per_side = int(min(n_in.min(), (m - n_in).min())) - 1 if m else 0
+    if per_side < 1:
+        return ShadowSetup(refs, per_side, message=(
+            f"LiRA needs at least 4 shadows in complementary pairs (every train example keeps >= 1 IN and >= 1 OUT "
+            f"reference after leaving out the target and its partner); {m} usable shadows leave {max(per_side, 0)}"))
+    variance = "per_example" if per_side >= PER_EXAMPLE_VARIANCE_MIN_REFS else "global"
+    jk = _Jackknife(*assign_groups(refs.pair_id, JACKKNIFE_GROUPS, [seed, 0x1AC]),
+                    *assign_groups(np.arange(n_train), JACKKNIFE_GROUPS, [seed, 0x1AD]))
+    return ShadowSetup(refs, per_side, variance, jk)
+
+
 def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, pop: np.ndarray | None,
                        forget_train: np.ndarray, example_ids_train: np.ndarray, *, seed: int = 0,
                        rmia_a: float = 0.3, rmia_gamma: float = 1.0,
                        status: Callable[[str], None] = lambda s: None) -> MembershipResult:
     """conf_tr[M, T, Q] and member bool[M, T] of the usable shadows on the train split, pop[M, Z, Q] on the
     test split (RMIA's extra population) -> MembershipResult."""
-    m, n_train = member.shape
+    m = member.shape[0]
     sec: dict = {"n_usable_shadows": m, "n_queries": int(conf_tr.shape[2])}
-    refs = _references(ids, member, seed)
-    sec["references"] = refs.description
+    setup = shadow_setup(ids, member, seed)
+    sec["references"] = setup.refs.description
+    if setup.message is not None:
+        sec["message"] = setup.message
+        return MembershipResult(sec, notes=_notes(sec))
+    refs, jk = setup.refs, setup.jk
     n_in = member.sum(0)
     n_out = m - n_in
-    per_side = int(min(n_in.min(), n_out.min())) - 1 if m else 0
-    if per_side < 1:
-        sec["message"] = (f"LiRA needs at least 4 shadows in complementary pairs (every train example keeps >= 1 IN "
-                          f"and >= 1 OUT reference after leaving out the target and its partner); {m} usable shadows "
-                          f"leave {max(per_side, 0)}")
-        return MembershipResult(sec, notes=_notes(sec))
-    variance = "per_example" if per_side >= PER_EXAMPLE_VARIANCE_MIN_REFS else "global"
-    sec["variance"] = variance
+    sec["variance"] = setup.variance
     sec["variance_rule"] = (f"per_example when every train example keeps >= {PER_EXAMPLE_VARIANCE_MIN_REFS} IN and "
-                            f"OUT references (64 shadows in pairs), else global (here {per_side})")
-    jk = _Jackknife(*assign_groups(refs.pair_id, JACKKNIFE_GROUPS, [seed, 0x1AC]),
-                    *assign_groups(np.arange(n_train), JACKKNIFE_GROUPS, [seed, 0x1AD]))
+                            f"OUT references (64 shadows in pairs), else global (here {setup.per_side})")
     sec["precision"] = (f"95% intervals: two-way delete-a-group jackknife over {jk.n_groups} groups of target pairs "
                         f"and {jk.n_ex_groups} groups of examples (variances added; t with {jk.dof} degrees of "
                         "freedom)")
-    sec["modes"], curves, online = _lira_modes(conf_tr, member, refs.partner, variance, jk, status)
+    sec["modes"], curves, online = _lira_modes(conf_tr, member, setup, status)
     status("RMIA leave-pair-out")
     sec["rmia"], rmia_curve = _rmia(conf_tr, member, refs, pop, jk, rmia_a, rmia_gamma)
     if rmia_curve is not None:
