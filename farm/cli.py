@@ -18,9 +18,10 @@ from farm.export import add_parser as add_export
 from farm.export import cmd_export
 from farm.plan import make_plan
 from farm.settings import Settings, SettingsError, redact
-from farm.spec import SpecError, load_spec, preset_names
+from farm.spec import SpecError, load_spec, preset_names, spec_from_dict
 from farm.status import plan_summary, summarize
 from farm.store import RunStore, StoreError
+from farm.targets import TargetsError, targets_from_flags
 
 DEFAULT_DEMO_STORE = "runs/digits-demo"
 USER_ERRORS = (SpecError, DataError, StoreError, SettingsError)
@@ -65,6 +66,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, help="at most this many Ray workers (default: as many as fit)")
     p.add_argument("--verify", action="store_true",
                    help="check every committed logits file's sha256 first and retrain models that fail it")
+    p.add_argument("--target", action="append", metavar="FIGURE=H", default=None,
+                   help="train in rounds until FIGURE's 95%% half-width is at most H (or FIGURE=se:S for a standard "
+                        "error); repeatable; figures: lira_auc, lira_tpr_at_1pct, lira_tpr_at_0.1pct, f, f_ratio, "
+                        "f_null (docs/targets.md)")
+    p.add_argument("--budget-models", type=int, metavar="N", default=None,
+                   help="with targets: at most N models in the store")
+    p.add_argument("--budget-hours", type=float, metavar="H", default=None,
+                   help="with targets: at most H device-hours of training (the models' timings)")
     p.add_argument("--wait-for-resources", type=float, metavar="SECONDS", default=None,
                    help="when no Ray node can hold one worker (resources.cpus/gpus), wait this long for an "
                         "autoscaler to add one before failing (default: 900 on an autoscaling cluster, else 0)")
@@ -87,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
     p = _sub(sub, "run", "train every model of SPEC that the store does not hold yet",
              "  ufarm run digits-demo --store runs/digits-demo\n"
              "  ufarm run my.yaml --store s3://bucket/runs/a --address ray://head:10001\n"
-             "  ufarm run my.yaml --store runs/a --executor local    # no Ray")
+             "  ufarm run my.yaml --store runs/a --executor local    # no Ray\n"
+             "  ufarm run digits-demo --store runs/d --target lira_auc=0.02 --target f_ratio=0.2 --budget-models 600")
     p.add_argument("spec", help="a YAML spec path or a preset name (ufarm presets)")
     _add_store(p)
     _add_run_options(p)
@@ -167,11 +177,11 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_run(spec_arg: str, args) -> int:
+def _train(spec, args):
+    """One `ufarm run` of ``spec`` on the chosen executor -> RunResult, saying what it plans and did."""
     # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
     from farm.run import prepare_run, run_local, run_ray
 
-    spec = load_spec(spec_arg)
     prep = prepare_run(spec, args.store, verify=args.verify)
     print(f"ufarm: run {spec.name!r} in {prep.store.uri}: {len(prep.plan.jobs)} models planned, "
           f"{len(prep.done)} already done, {len(prep.pending)} to train", flush=True)
@@ -200,6 +210,38 @@ def cmd_run(spec_arg: str, args) -> int:
           f"{len(result.failed)} failed; store: {prep.store.uri}", flush=True)
     for model_id, error in result.failed.items():
         print(redact(f"  failed {model_id}: {error}"))
+    return result
+
+
+def _run_to_targets(spec, args) -> int:
+    """`ufarm run` of a spec with targets: rounds until they are met or the budget is spent (exit 0 or 3)."""
+    # on demand: the figures' code loads scipy and scikit-learn, which a plain run does not need
+    from evaluation.report.targets import read_figures
+    from farm.rounds import STOP_FAILED, STOP_MET, run_to_targets, unlearn_keys
+
+    def read(s):
+        return read_figures(args.store, list(s.targets.figures), methods=list(unlearn_keys(s)))
+
+    print(f"ufarm: training until {', '.join(f'{f} +- {spec.targets.half_width(f):.3g}' for f in spec.targets.figures)}"
+          " (95% half-widths)", flush=True)
+    run = run_to_targets(spec, RunStore(args.store), lambda s: _train(s, args), read)
+    print(f"ufarm: stopped: {run.message} (rounds.json in the store)")
+    return {STOP_MET: 0, STOP_FAILED: 1}.get(run.stop, 3)
+
+
+def cmd_run(spec_arg: str, args) -> int:
+    spec = load_spec(spec_arg)
+    flags = (getattr(args, "target", None) or [], getattr(args, "budget_models", None),
+             getattr(args, "budget_hours", None))
+    if flags[0] or flags[1] is not None or flags[2] is not None:
+        try:
+            targets = targets_from_flags(spec.targets, *flags)
+        except TargetsError as exc:
+            raise SpecError(str(exc)) from None
+        spec = spec_from_dict({**spec.to_dict(), "targets": targets})  # checked against the counts again
+    if spec.targets is not None:
+        return _run_to_targets(spec, args)
+    result = _train(spec, args)
     if 0 < spec.count("shadow") < 4:
         print(f"ufarm: note: {spec.count('shadow')} shadows train, but ufarm evaluate's membership inference "
               "needs at least 4 (add pairs to this run later)")
@@ -269,6 +311,12 @@ def print_status(uri: str) -> dict:
     if s["other_models"]:
         print(f"{len(s['other_models'])} more models in the store are not in this spec's plan "
               "(Tune trials, or methods and counts of earlier specs of this run)")
+    if s["targets"] is not None:
+        print("precision targets (95% half-widths; models needed: the estimate from each standard error):")
+        for line in s["targets"]:
+            print(f"  {line}")
+        if s["last_stop"]:
+            print(f"last precision-driven run: {s['last_stop']}")
     return s
 
 

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from farm.targets import FIGURE_ROLES, Targets, TargetsError, parse_targets
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "arrays")
 ARCHS = ("small-cnn", "resnet18")
@@ -174,6 +175,7 @@ class Spec:
     # unlearned models slower than this fraction of the mean retrain time are marked over_time_cutoff
     time_cutoff: float | None = None
     tune: TuneSpec | None = None  # the `ufarm tune` section (docs/tune.md)
+    targets: Targets | None = None  # precision targets and a budget: `ufarm run` trains in rounds (docs/targets.md)
 
     def count(self, role: str) -> int:
         return int(self.counts.get(role, 0))
@@ -185,7 +187,7 @@ class Spec:
         """What a store's models depend on. Counts, methods, resources and retries are left out, so a run
         can be extended with more models or methods on the same store; anything else is another run."""
         d = self.to_dict()
-        for key in ("name", "counts", "unlearn", "resources", "max_retries", "time_cutoff", "tune"):
+        for key in ("name", "counts", "unlearn", "resources", "max_retries", "time_cutoff", "tune", "targets"):
             d.pop(key)
         d["dataset"].pop("path")  # the data fingerprint covers where it came from
         return d
@@ -388,12 +390,43 @@ def spec_from_dict(raw: dict) -> Spec:
         max_retries=_coerce(max_retries, 0, "max_retries"),
         time_cutoff=_coerce(raw.get("time_cutoff"), 0.0, "time_cutoff"),
         tune=_tune_section(raw.get("tune"), unlearn),
+        targets=_targets_section(raw.get("targets")),
     )
     validate(spec)
     return spec
 
 
 # ------------------------------------------------------------------------------------------- validation
+
+def _targets_section(raw) -> Targets | None:
+    try:
+        return parse_targets(raw)
+    except TargetsError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def planned_models(spec: Spec) -> int:
+    """Models the spec's counts plan, every role and unlearning method."""
+    return sum(spec.count(r) for r in ROLES[:3]) + sum(u.count for u in spec.unlearn)
+
+
+def _validate_targets(spec: Spec) -> None:
+    """Every targeted figure has models to start from, and the budget holds the first round."""
+    t = spec.targets
+    for name in t.figures:
+        roles = FIGURE_ROLES[name]
+        if "shadow" in roles and spec.count("shadow") < 4:
+            raise SpecError(f"targets.figures.{name} is measured over shadows: set counts.shadow to at least 4 "
+                            f"to start from (got {spec.count('shadow')})")
+        if "unlearned" in roles and not spec.unlearn:
+            raise SpecError(f"targets.figures.{name} is measured per unlearning method: the spec's unlearn lists none")
+        if "retrain" in roles and spec.count("retrain") < 2:
+            raise SpecError(f"targets.figures.{name} needs retrained models: set counts.retrain to at least 2 to "
+                            f"start from (got {spec.count('retrain')})")
+    if t.budget.models is not None and t.budget.models < planned_models(spec):
+        raise SpecError(f"targets.budget.models: {t.budget.models} is below the {planned_models(spec)} models the "
+                        "spec's counts plan for the first round")
+
 
 def _positive_int(value, where):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -494,6 +527,8 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"time_cutoff must be a positive fraction of the mean retrain time, got {spec.time_cutoff}")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or spec.seed < 0:
         raise SpecError(f"seed must be a non-negative integer, got {spec.seed!r}")
+    if spec.targets is not None:
+        _validate_targets(spec)
 
 
 def parse_query(q: str) -> tuple[str, int, int]:

@@ -2,11 +2,14 @@
 no dataset), and what a run would train, with a time estimate from the store's own timings."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from farm.plan import make_plan
 from farm.spec import spec_from_dict
 from farm.store import RunStore, StoreError
+from farm.targets import ROUNDS_FILE
 
 
 def summarize(store: RunStore) -> dict:
@@ -35,7 +38,31 @@ def summarize(store: RunStore) -> dict:
     extra = sorted(set(markers) - {j.model_id for j in plan.jobs})
     return {"store": store.uri, "spec": spec.name, "manifest": manifest, "roles": roles,
             "failed": {m: f["error"] for m, f in failures.items() if m not in markers},
-            "other_models": extra}
+            "other_models": extra, "targets": target_lines(store, spec), "last_stop": last_stop(store)}
+
+
+def target_lines(store: RunStore, spec) -> list[str] | None:
+    """Each targeted figure of the spec's `targets` now: value, 95% half-width, target and the models it
+    still needs (farm.rounds.figure_line); None when the spec has no targets."""
+    if spec.targets is None:
+        return None
+    # on demand: reading the figures loads scipy and scikit-learn, which a store without targets never needs
+    from evaluation.report.targets import read_figures
+    from farm.rounds import assess, figure_line, unlearn_keys
+
+    readings = read_figures(store.uri, list(spec.targets.figures), methods=list(unlearn_keys(spec)))
+    return [figure_line(st) for st in assess(readings, spec.targets)]
+
+
+def last_stop(store: RunStore) -> str | None:
+    """The stop message of the store's rounds.json (untrusted: anything but a short string is ignored)."""
+    try:
+        data = store.read_bytes(ROUNDS_FILE)
+        log = json.loads(data) if len(data) < 10_000_000 else None
+    except (StoreError, OSError, ValueError):
+        return None
+    message = log.get("message") if isinstance(log, dict) else None
+    return message if isinstance(message, str) and len(message) < 2000 else None
 
 
 

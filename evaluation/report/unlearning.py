@@ -29,8 +29,8 @@ from ..ulira import ulira_attack
 from .utility import accuracies
 
 __all__ = ["MethodModels", "MethodFigure", "MethodResult", "FNullResult", "RetrainedPool", "method_section",
-           "headline_f_null", "f_null_section", "equal_count_n", "F_HALF_WIDTH", "BH_Q", "N_LEAKING",
-           "MIN_PARENTS_ONE_PER_PARENT"]
+           "competition_section", "unlearned_parents", "headline_f_null", "f_null_section", "equal_count_n",
+           "F_HALF_WIDTH", "BH_Q", "N_LEAKING", "MIN_PARENTS_ONE_PER_PARENT"]
 
 BH_Q = 0.05
 N_LEAKING = 6
@@ -135,7 +135,8 @@ def headline_f_null(pool: RetrainedPool, n_forget: int) -> FNullResult:
     return FNullResult({k: v for k, v in pool.f_null(n, g).items() if k != "draws"}, [])
 
 
-def _parents(u_markers: list[dict], u_ids: list[str]) -> np.ndarray:
+def unlearned_parents(u_markers: list[dict], u_ids: list[str]) -> np.ndarray:
+    """str[N]: each unlearned model's original (its own id when the marker names none)."""
     return np.array([str(mk.get("parent") or mid) for mk, mid in zip(u_markers, u_ids)])
 
 
@@ -219,8 +220,8 @@ def _final_score(key: str, f: float, u_markers: list[dict], r_markers: list[dict
                            "retain_retrained": float(np.mean(ra_r)), "test_retrained": float(np.mean(ta_r))}}
 
 
-def _competition(key: str, u0, r0, parents, u_markers, r_markers, pool: RetrainedPool, seed: int,
-                 status) -> tuple[dict, np.ndarray, list[str]]:
+def competition_section(key: str, u0, r0, parents, u_markers, r_markers, pool: RetrainedPool, seed: int,
+                        status) -> tuple[dict, np.ndarray, list[str]]:
     """The competition's F on every model with its interval, F / F_null at equal counts and the final score
     -> (section, per-example epsilons, notes)."""
     status("epsilons and F")
@@ -314,7 +315,7 @@ def method_section(key: str, method: str, hparams: dict, unlearned: MethodModels
         status(f"{key}: {what}")
 
     n_u, n_r = len(unlearned.ids), retrained.forget.shape[0]
-    parents = _parents(unlearned.markers, unlearned.ids)
+    parents = unlearned_parents(unlearned.markers, unlearned.ids)
     n_par = int(np.unique(parents).size)
     sec: dict = {"method": method, "hparams_hash": key.rsplit("-", 1)[-1], "hparams": hparams,
                  "n_unlearned": n_u, "n_retrained": n_r, "n_originals": n_par,
@@ -333,8 +334,8 @@ def method_section(key: str, method: str, hparams: dict, unlearned: MethodModels
         notes.append(msg)
         sec["competition"] = sec["two_sample"] = {"message": msg}
     else:
-        sec["competition"], eps, competition_notes = _competition(key, u0, r0, parents, unlearned.markers,
-                                                                  retrained.markers, pool, seed, stage)
+        sec["competition"], eps, competition_notes = competition_section(key, u0, r0, parents, unlearned.markers,
+                                                                         retrained.markers, pool, seed, stage)
         notes += competition_notes
         stage("two-sample tests")
         sec["most_leaking"], leaking, per_example = _leaking(u0, r0, eps, example_ids)
