@@ -121,14 +121,40 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, queries: tuple[
     return torch.cat(outs).numpy()
 
 
+class BatchLoader(DataLoader):
+    """A DataLoader over tensors (on the GPU or the CPU) that gathers each batch with one index operation,
+    instead of indexing batch_size examples one at a time and stacking them (the default collate, which
+    kept the finetune phase on a GPU at one example per step).  It is a DataLoader, with .dataset,
+    .batch_size, .sampler, .generator and len() as usual, and yields the same batches in the same order as
+    DataLoader(dataset, batch_size, shuffle, generator=...) with the same generator: per pass it draws the
+    same numbers (DataLoader's base seed, then RandomSampler's torch.randperm) from that generator."""
+
+    def __iter__(self):
+        images, labels = self.dataset.tensors
+        n, bs = len(images), self.batch_size
+        # the draws DataLoader makes, in its order: the iterator's base seed, then the sampler's permutation,
+        # then (when the sampler runs out, RandomSampler's trailing slice) a second permutation it discards
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        gen = self.sampler.generator if isinstance(self.sampler, torch.utils.data.RandomSampler) else None
+        order = None if gen is None else torch.randperm(n, generator=gen).to(images.device)
+        for start in range(0, n, bs):
+            if gen is not None and start + bs > n:  # a partial last batch: the sampler ran out before it
+                torch.randperm(n, generator=gen)
+            idx = slice(start, start + bs) if order is None else order[start:start + bs]
+            yield images[idx], labels[idx]
+        if gen is not None and n % bs == 0:  # full batches only: the sampler runs out when one more is asked
+            torch.randperm(n, generator=gen)
+
+
 def make_loader(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, batch_size: int,
                 shuffle: bool, seed: int) -> DataLoader:
-    """A DataLoader over a subset, as the competition's unlearn() signature expects; seeded order."""
+    """A loader over a subset, as the competition's unlearn() signature expects: seeded order, whole batches
+    gathered from the tensors where they live (BatchLoader)."""
     sel = torch.tensor(idx, dtype=torch.long)
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(TensorDataset(images[sel.to(images.device)], labels[sel.to(labels.device)]),
-                      batch_size=batch_size, shuffle=shuffle, generator=gen)
+    return BatchLoader(TensorDataset(images[sel.to(images.device)], labels[sel.to(labels.device)]),
+                       batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float | None:
