@@ -17,9 +17,13 @@ products are the other choice); any other buffer-free module goes through torch.
 which is generic.
 
 Models whose training sets differ in size (shadow halves of an odd train split) are padded to a common
-length with zero-weight entries at the end of each epoch's last batch. Only models without buffers
-(no BatchNorm running statistics) can be stacked; farm.train.models' small-cnn has none, ResNet-18 does and is
-trained one model per worker instead (fractional GPUs pack several workers on one card).
+length with zero-weight entries at the end of each epoch's last batch.
+
+Models with BatchNorm (farm.train.models' ResNet-18) stack as one network of grouped convolutions and
+K*C-channel BatchNorm layers (farm.train.stacked_resnet, layout "bn-grouped"): every channel's statistics come
+from its own model's batch, so the K models train as they would alone, running statistics included.  Padding
+would enter those statistics, so such models stack only with models of the same training-set size
+(farm.train.engine groups them).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from farm.train.models import SmallCNN
+from farm.train.stacked_resnet import stack_models, unstack
 from farm.train.stacked_cnn import forward_bmm, forward_grouped, forward_triton
 from farm.spec import TrainingSpec
 from farm.train.loops import apply_query, augment_batch, autocast, predict_logits
@@ -69,8 +74,21 @@ def default_layout(device: str) -> str:
 PREDICT_PAIRS = 32_768
 
 
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Whether the model holds buffers (BatchNorm running statistics): it then stacks as "bn-grouped"."""
+    return any(True for _ in model.buffers())
+
+
 def can_stack(model: torch.nn.Module) -> bool:
-    return not any(True for _ in model.buffers())
+    """Buffer-free models stack through vmap or farm.train.stacked_cnn; models with BatchNorm when every layer
+    has a rule in farm.train.stacked_resnet."""
+    if not has_batchnorm(model):
+        return True
+    try:
+        stack_models([copy.deepcopy(model).to("meta")])
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class StackedModels:
@@ -79,12 +97,16 @@ class StackedModels:
     def __init__(self, models: list[torch.nn.Module]):
         if not models:
             raise ValueError("StackedModels needs at least one model")
-        if not can_stack(models[0]):
-            raise ValueError("models with buffers (e.g. BatchNorm running statistics) cannot be stacked")
+        self.k, self.net = len(models), None
+        if has_batchnorm(models[0]):
+            if not can_stack(models[0]):
+                raise ValueError("these models hold buffers and a layer farm.train.stacked_resnet cannot stack")
+            self.net, self.layout = stack_models(models), "bn-grouped"
+            self.params = dict(self.net.named_parameters())
+            return
         params, _ = stack_module_state(models)
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.base = copy.deepcopy(models[0]).to("meta")  # the architecture only; weights come from params
-        self.k = len(models)
 
         def one(p, x):
             return functional_call(self.base, p, (x,))
@@ -96,8 +118,16 @@ class StackedModels:
         device = next(models[0].parameters()).device.type
         self.layout = default_layout(device) if isinstance(models[0], SmallCNN) else "vmap"
 
+    def train(self, mode: bool = True) -> "StackedModels":
+        """Train or eval mode: BatchNorm uses batch statistics while training, running ones after."""
+        if self.net is not None:
+            self.net.train(mode)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, n_classes] logits of model k on its own inputs x[k] (x: [K, B, C, H, W])."""
+        if self.layout == "bn-grouped":
+            return self.net(x)
         if self.layout == "bmm":
             return forward_bmm(self.base, self.params, x)
         if self.layout == "grouped":
@@ -108,6 +138,8 @@ class StackedModels:
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, n_classes] logits of every model on the same inputs x: [B, C, H, W]."""
+        if self.layout == "bn-grouped":
+            return self.net.forward_shared(x)
         if self.layout == "bmm":
             return forward_bmm(self.base, self.params, x.expand(self.k, *x.shape))
         if self.layout == "grouped":
@@ -118,6 +150,8 @@ class StackedModels:
 
     def unstack(self) -> list[torch.nn.Module]:
         """K ordinary modules with the trained weights (for storing weights, predicting, running a method)."""
+        if self.net is not None:
+            return [m.eval() for m in unstack(self.net)]
         device = next(iter(self.params.values())).device
         out = []
         for i in range(self.k):
@@ -142,6 +176,10 @@ def train_stacked(stack: StackedModels, images: torch.Tensor, labels: torch.Tens
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     sets = [torch.tensor(s, dtype=torch.long) for s in train_sets]
+    if stack.layout == "bn-grouped" and len(set(sizes)) > 1:
+        raise ValueError(f"models with BatchNorm stack only with training sets of one size (padding would enter "
+                         f"their batch statistics), got sizes {sorted(set(sizes))}")
+    stack.train()
     for _ in range(cfg.epochs):
         # each model's order for this epoch, padded with -1 (weight 0) to the common length
         orders = torch.full((k, n_max), -1, dtype=torch.long)
@@ -177,6 +215,7 @@ def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[s
     grow with both, and K=256 models x 4,096 images would not fit on any card."""
     if not images.is_cuda:
         return np.stack([predict_logits(m, images, queries, batch_size, precision) for m in stack.unstack()])
+    stack.train(False)
     return predict_stacked_chunks(stack, images, queries, max(1, min(batch_size, PREDICT_PAIRS // stack.k)),
                                   precision)
 
