@@ -87,12 +87,20 @@ def t_interval(estimate: float, se: float, dof: int, ci: float = 0.95, lo: float
     return float(max(lo, estimate - half)), float(min(hi, estimate + half))
 
 
-def models_needed(n_models: int, se: float, half_width: float, z: float = Z95) -> int | None:
-    """Models for a 95% half-width ``half_width``, from a standard error ``se`` measured with ``n_models``:
-    ceil(n_models * (z * se / half_width)^2) (standard errors shrink as 1/sqrt(models)); None if unknown."""
-    if not (np.isfinite(se) and se >= 0 and n_models > 0 and half_width > 0):
+def models_needed(n_models: int, se: float, half_width: float, z: float = Z95, floor: float = 0.0) -> int | None:
+    """Models for a 95% half-width ``half_width``, from a standard error ``se`` measured with ``n_models``, of
+    which the part ``floor`` does not shrink with models (e.g. the examples' part of an attack's SE):
+
+        ceil(n_models * (se^2 - floor^2) / ((half_width / z)^2 - floor^2))
+
+    (the rest of the variance shrinks as 1/models); ceil(n_models * (z * se / half_width)^2) without a floor.
+    None if unknown; -1 when the floor alone is at least the target (more models cannot reach it)."""
+    if not (np.isfinite(se) and se >= 0 and n_models > 0 and half_width > 0 and np.isfinite(floor)):
         return None
-    return int(math.ceil(n_models * (z * se / half_width) ** 2))
+    target_var, floor_var = (half_width / z) ** 2, min(floor, se) ** 2
+    if floor_var >= target_var:
+        return -1
+    return int(math.ceil(n_models * (se ** 2 - floor_var) / (target_var - floor_var)))
 
 
 def jackknife_stat(stat: Callable, u: np.ndarray, r: np.ndarray, group_u: np.ndarray, group_r: np.ndarray,
@@ -176,7 +184,9 @@ def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid:
     scores of one target depend on the others as references, which a jackknife over targets alone misses
     (scripts/check_statistics.py: its 95% intervals covered 0.80-0.83 of no-signal worlds at 8 to 32
     shadows, the sum 0.99).
-    Returns {"auc", "tpr_at_fpr": {a: tpr}, "grid_tpr", "dof"} and, with groupings, the "_se" of each.
+    Returns {"auc", "tpr_at_fpr": {a: tpr}, "grid_tpr", "dof"} and, with groupings, the "_se" of each and
+    "auc_se_parts" and "tpr_at_fpr_se_parts": the jackknife SE of each grouping alone, in the order given (the
+    example groups' part does not shrink with more targets: a floor more models cannot go below).
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(member, dtype=bool)
@@ -198,15 +208,18 @@ def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid:
     full = figures(None)
     k = len(fprs)
     out = {"auc": float(full[0]), "tpr_at_fpr": dict(zip(fprs, full[1:1 + k].tolist())), "grid_tpr": full[1 + k:]}
-    var, dofs = np.zeros_like(full), []
+    var, dofs, parts = np.zeros_like(full), [], []
     for group, n_groups in groupings:
         if n_groups < 2:
+            parts.append(np.full_like(full, np.nan))
             continue
         g_sorted = np.asarray(group)[order]
-        var += jackknife_se(np.array([figures(g_sorted != g) for g in range(n_groups)])) ** 2
+        parts.append(jackknife_se(np.array([figures(g_sorted != g) for g in range(n_groups)])))
+        var += parts[-1] ** 2
         dofs.append(n_groups - 1)
     if dofs:
         se = np.sqrt(var)
         out.update(auc_se=float(se[0]), tpr_at_fpr_se=dict(zip(fprs, se[1:1 + k].tolist())), grid_tpr_se=se[1 + k:],
-                   dof=min(dofs))
+                   dof=min(dofs), auc_se_parts=[float(p[0]) for p in parts],
+                   tpr_at_fpr_se_parts={a: [float(p[1 + i]) for p in parts] for i, a in enumerate(fprs)})
     return out

@@ -3,8 +3,10 @@ ask, or the budget is spent (docs/targets.md).
 
 Each round trains what the current counts plan (resuming what is committed), reads only the targeted figures
 (evaluation.report.targets: the report's own values and standard errors), and sizes the next round from
-them.  Standard errors shrink as 1/sqrt(models), so a figure with SE s from n models needs about
-n * (s / s_target)^2 (evaluation.precision.models_needed, with s_target = half-width / 1.96).  A round
+them.  A figure's variance s^2 from n models is a part that shrinks as 1/models plus a floor f^2 that more
+models do not shrink (for the attacks' figures, the examples' part of their jackknife: the example set is
+finite), so it needs about n * (s^2 - f^2) / (s_target^2 - f^2) models (evaluation.precision.models_needed,
+with s_target = half-width / 1.96), and none can help when f >= s_target: the run then stops.  A round
 grows each role to the most any unmet figure needs, at most `max_growth` times its count and at least one
 step (a pair of shadows, one model); both budgets then scale the additions down together.  Originals grow
 with the unlearned models while every method has at most one unlearned model per original, so unlearned
@@ -24,7 +26,7 @@ from farm.spec import ROLES, Spec, planned_models, spec_from_dict
 from farm.store import RunStore
 from farm.targets import FIGURE_ROLES, ROUNDS_FILE, Targets
 
-STOP_MET, STOP_BUDGET, STOP_FAILED = "met", "budget", "failed"
+STOP_MET, STOP_BUDGET, STOP_FAILED, STOP_UNREACHABLE = "met", "budget", "failed", "unreachable"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,12 @@ class FigureStatus:
     met: bool
     needed: dict  # role -> models the estimate asks for (None: unknown yet, grow by max_growth)
     message: str | None = None
+    se_floor: float = 0.0  # the part of se that more models do not shrink
+
+    @property
+    def unreachable(self) -> bool:
+        """More models cannot meet the target: the part of the SE they do not shrink is already above it."""
+        return not self.met and any(n == -1 for n in self.needed.values())
 
     @property
     def half_width(self) -> float:
@@ -62,16 +70,20 @@ def unlearn_keys(spec: Spec) -> dict[str, int]:
 
 def assess(readings, targets: Targets) -> list[FigureStatus]:
     """Each reading (evaluation.report.targets.Reading) against its target: met when its SE is at most the
-    target's; the models needed per role the figure grows."""
+    target's; the models needed per role the figure grows (-1: unreachable, the SE's floor is above the
+    target; a floor that could not be measured counts as none)."""
     out = []
     for r in readings:
         want = targets.se_target(r.figure)
         met = bool(math.isfinite(r.se) and r.se <= want)
+        floor = r.se_floor if math.isfinite(r.se_floor) else 0.0
         needed = {}
         for role in FIGURE_ROLES[r.figure]:
             n = r.models.get(role, 0)
-            needed[role] = models_needed(n, r.se, want, z=1.0) if n > 0 else None
-        out.append(FigureStatus(r.figure, r.method, float(r.value), float(r.se), want, met, needed, r.message))
+            needed[role] = models_needed(n, r.se, want, z=1.0, floor=floor) if n > 0 and not met else (
+                n if met else None)
+        out.append(FigureStatus(r.figure, r.method, float(r.value), float(r.se), want, met, needed, r.message,
+                                floor))
     return out
 
 
@@ -116,7 +128,7 @@ def _wanted(spec: Spec, statuses: list[FigureStatus]) -> dict:
         need = top if n_needed is None else -(-n_needed // step) * step
         return min(top, max(n_now + step, need))
 
-    for st in (s for s in statuses if not s.met):
+    for st in (s for s in statuses if not s.met and not s.unreachable):
         for role, n_needed in st.needed.items():
             if role == "unlearned":
                 for i in ([keys[st.method]] if st.method in keys else range(len(spec.unlearn))):
@@ -166,6 +178,8 @@ def spent_hours(spec: Spec, markers: dict) -> float:
 def next_counts(spec: Spec, statuses: list[FigureStatus], markers: dict) -> tuple[dict | None, str]:
     """The next round's counts -> (counts, "") or (None, which budget stops the run)."""
     want = _wanted(spec, statuses)
+    if want == current_counts(spec):
+        return None, "no target that more models can improve is left"
     budget, in_store = spec.targets.budget, len(markers)
 
     def fits(counts: dict) -> bool:
@@ -191,12 +205,15 @@ def next_counts(spec: Spec, statuses: list[FigureStatus], markers: dict) -> tupl
 
 def figure_line(st: FigureStatus) -> str:
     """lira_auc 0.612 +- 0.031 (target +- 0.020): met | needs shadow 112"""
-    name = st.figure + (f"[{st.method}]" if st.method else "")
+    name = _name(st)
     target = st.se_target * 1.959963984540054
     if not math.isfinite(st.value) or not math.isfinite(st.se):
         return f"{name}: not yet measurable ({st.message or 'too few models'}); target +- {target:.4g}"
     need = ", ".join(f"{role} {n}" for role, n in st.needed.items() if n is not None)
     verdict = "met" if st.met else f"needs {need or 'more models'}"
+    if st.unreachable:
+        verdict = (f"out of reach of more models: the part of its SE they do not shrink (the examples') is "
+                   f"+- {st.se_floor * 1.959963984540054:.2g} alone")
     return f"{name} {st.value:.4g} +- {st.half_width:.2g} (target +- {target:.2g}): {verdict}"
 
 
@@ -233,14 +250,24 @@ def run_to_targets(spec: Spec, store: RunStore, train: Callable[[Spec], object],
             msg = f"every target met after {len(rounds)} round(s)"
             write_log(store, spec, rounds, STOP_MET, msg)
             return TargetRun(rounds, STOP_MET, msg)
+        if all(st.met or st.unreachable for st in statuses):
+            out = ", ".join(_name(st) for st in statuses if st.unreachable)
+            msg = (f"more models cannot meet {out}: the part of the standard error they do not shrink is above the "
+                   "target (a larger example set, or a wider target, can)")
+            write_log(store, spec, rounds, STOP_UNREACHABLE, msg)
+            return TargetRun(rounds, STOP_UNREACHABLE, msg)
         counts, why = next_counts(spec, statuses, markers)
         if counts is None:
-            unmet = ", ".join(st.figure + (f"[{st.method}]" if st.method else "") for st in statuses if not st.met)
+            unmet = ", ".join(_name(st) for st in statuses if not st.met)
             msg = f"{why}; not met: {unmet}"
             write_log(store, spec, rounds, STOP_BUDGET, msg)
             return TargetRun(rounds, STOP_BUDGET, msg)
         write_log(store, spec, rounds, None, "running")
         spec = with_counts(spec, counts)
+
+
+def _name(st: FigureStatus) -> str:
+    return st.figure + (f"[{st.method}]" if st.method else "")
 
 
 def _counts_text(counts: dict, spec: Spec) -> str:

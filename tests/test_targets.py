@@ -16,7 +16,8 @@ from evaluation.precision import Z95
 from evaluation.report import evaluate_store
 from evaluation.report.targets import FIGURES, Reading, read_figures
 from farm.cli import main
-from farm.rounds import FigureStatus, assess, current_counts, next_counts, resume_counts, spent_hours
+from farm.rounds import (FigureStatus, assess, current_counts, figure_line, next_counts, resume_counts,
+                         spent_hours)
 from farm.spec import SpecError, spec_from_dict
 from farm.targets import FIGURE_ROLES
 from farm.targets import Z95 as FARM_Z95
@@ -142,6 +143,23 @@ def test_assess_sizes_each_role_by_the_square_of_the_se_ratio():
     assert st[1].met and st[1].se_target == pytest.approx(0.0196 / Z95)
     nan = assess([Reading("f", "k", math.nan, math.nan, {"unlearned": 1, "retrain": 1}, "too few")], spec.targets)
     assert nan[0].needed == {"unlearned": None, "retrain": None} and not nan[0].met
+
+
+def test_a_floor_more_models_do_not_shrink_sizes_the_round_and_can_put_a_target_out_of_reach():
+    from evaluation.precision import models_needed
+
+    # variance 0.02^2 from 10 models, of which 0.01^2 does not shrink: a target SE of 0.015 needs
+    # 10 * (4e-4 - 1e-4) / (2.25e-4 - 1e-4) = 24 models; without the floor 10 * (0.02 / 0.015)^2 = 17.8 -> 18
+    assert models_needed(10, 0.02, 0.015, z=1.0, floor=0.01) == 24
+    assert models_needed(10, 0.02, 0.015, z=1.0) == 18
+    assert models_needed(10, 0.02, 0.015, z=1.0, floor=0.016) == -1
+    spec = _spec({"figures": {"lira_auc": 0.0196, "f": 0.5}})
+    st = assess([Reading("lira_auc", None, 0.6, 0.012, {"shadow": 16}, se_floor=0.011),
+                 Reading("f", "k", 0.3, 0.1, {"unlearned": 8, "retrain": 8})], spec.targets)
+    assert st[0].unreachable and st[0].needed == {"shadow": -1} and st[1].met
+    assert "out of reach of more models" in figure_line(st[0])
+    # an out-of-reach figure asks for no models
+    assert next_counts(spec, st, {}) == (None, "no target that more models can improve is left")
 
 
 def test_resume_starts_from_the_stores_last_counts():

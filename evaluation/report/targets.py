@@ -3,7 +3,8 @@ only the models and examples each needs, with the report's own functions, exampl
 value and standard error equals what `ufarm evaluate` (with its defaults) writes for the same store.
 
     lira_auc, lira_tpr_at_1pct, lira_tpr_at_0.1pct : LiRA online over the shadows, leave-pair-out, with the
-        two-way jackknife SE (report.json lira.modes.online: auc, auc_se, tpr_at_fpr, tpr_at_fpr_se)
+        two-way jackknife SE (report.json lira.modes.online: auc, auc_se, tpr_at_fpr, tpr_at_fpr_se) and its
+        examples' part (auc_se_examples, tpr_at_fpr_se_examples), which more shadows do not shrink
     f        : the competition's F of each method on every model, jackknife over whole originals
                (methods.<key>.competition: forgetting_quality, se)
     f_ratio  : F / F_null at equal model counts (methods.<key>.competition.equal_count: ratio, ratio_se)
@@ -47,6 +48,7 @@ class Reading:
     se: float  # NaN when the figure has no standard error yet
     models: dict  # role -> the models it was computed from
     message: str | None = None  # why value or se is missing
+    se_floor: float = 0.0  # the part of se that more models do not shrink (LiRA's: the examples' part)
 
 
 def _lira(run: RunContents, train: np.ndarray, figures: list[str], seed: int) -> list[Reading]:
@@ -64,11 +66,12 @@ def _lira(run: RunContents, train: np.ndarray, figures: list[str], seed: int) ->
     out = []
     for f in figures:
         if f == "lira_auc":
-            value, se = fields["auc"], fields.get("auc_se", _NAN)
+            value, se, floor = fields["auc"], fields.get("auc_se", _NAN), fields.get("auc_se_examples", _NAN)
         else:
             a = _LIRA_FPR[f]
             value, se = fields["tpr_at_fpr"][a], fields.get("tpr_at_fpr_se", {}).get(a, _NAN)
-        out.append(Reading(f, None, float(value), float(se), {"shadow": len(ids)}))
+            floor = fields.get("tpr_at_fpr_se_examples", {}).get(a, _NAN)
+        out.append(Reading(f, None, float(value), float(se), {"shadow": len(ids)}, se_floor=float(floor)))
     return out
 
 
