@@ -1,19 +1,22 @@
 #!/usr/bin/env python
 """ResNet-18 (or the small CNN) on one GPU: P worker processes sharing the card (what `resources.gpus: 1/P`
-gives under Ray) versus one, and the GPU-hours of the cifar10-resnet18 preset's evaluation set derived from
-the measurement.
+gives under Ray) versus one, each training K models stacked in one network (`resources.batch_models: K`,
+farm.train.stacked; K=1 is one model at a time), and the GPU-hours of the cifar10-resnet18 preset's
+evaluation set derived from the best measurement.
 
 Every process runs the engine's own code (farm.train.loops.train_model, predict_logits and the finetune
 method through the competition's DataLoader signature) on synthetic 32x32 CIFAR-shaped data: the time of
 a training step does not depend on the pixel values, and nothing is downloaded. Phases start together
 (a barrier); a phase's aggregate rate is P x images / (last finish - first start).
 
-ResNet-18 keeps BatchNorm running statistics, so it cannot be stacked like the small CNN (farm.train.stacked);
-packing processes is the alternative this measures. With --arch small-cnn the same is measured for the
-fashion-mnist preset's CNN (28x28x1, batch 256), to set against stacking (scripts/bench_farm.py).
+ResNet-18 stacks as grouped convolutions with BatchNorm per model (farm.train.stacked_resnet); the train and
+predict phases of a stacked worker run its K models at once (rates count K x images), the finetune phase
+one model (methods run one at a time, through farm.train.loops.make_loader's batch-gathering loader).
+With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (28x28x1, batch 256).
 
     python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
-    python scripts/bench_packing.py --procs 1 2 --images 256 --precisions fp32   # smoke test on a CPU
+    python scripts/bench_packing.py --procs 1 4 --stack 1 4 16 --precisions bf16   # packing x stacking
+    python scripts/bench_packing.py --procs 1 2 --stack 1 2 --images 256 --precisions fp32   # smoke test, CPU
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ SHAPES = {"resnet18": dict(channels=3, size=32, batch=128, augment=True, width=1
           "small-cnn": dict(channels=1, size=28, batch=256, augment=False, width=32)}
 
 
-def worker(rank: int, arch: str, n: int, precision: str, barrier, queue) -> None:
+def worker(rank: int, arch: str, n: int, precision: str, stack: int, barrier, queue) -> None:
     import torch
 
     from farm.train.methods import get_method
     from farm.train.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
     from farm.train.loops import configure_gpu_kernels, make_loader, predict_logits, train_model
+    from farm.train.stacked import StackedModels, predict_stacked_chunks, train_stacked
 
     torch.set_num_threads(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -48,17 +52,25 @@ def worker(rank: int, arch: str, n: int, precision: str, barrier, queue) -> None
     cfg = TrainingSpec(epochs=1, batch_size=shape["batch"], lr=0.1, augment=shape["augment"], eval_batch_size=2048,
                        precision=precision)
     torch.manual_seed(rank)
-    model = build_model(ModelSpec(arch=arch, width=shape["width"]), shape["channels"], 10, shape["size"]).to(device)
+    models = [build_model(ModelSpec(arch=arch, width=shape["width"]), shape["channels"], 10, shape["size"]).to(device)
+              for _ in range(stack)]
+    model = models[0]
+    stacked = StackedModels(models) if stack > 1 else None
+    gens = [torch.Generator().manual_seed(rank * 1000 + k) for k in range(stack)]
     finetune = get_method("finetune").fn
     queries = ("plain", "hflip")
 
     def run(phase: str, count: int) -> None:
         idx = np.arange(count)
-        if phase == "train":
+        if phase == "train" and stacked is not None:
+            train_stacked(stacked, images, labels, [idx] * stack, cfg, gens)
+        elif phase == "train":
             train_model(model, images, labels, idx, cfg, gen)
         elif phase == "finetune":
             finetune(model, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
                      epochs=1)
+        elif stacked is not None:
+            predict_stacked_chunks(stacked, images[:count], queries, max(1, cfg.eval_batch_size // stack), precision)
         else:
             predict_logits(model, images[:count], queries, cfg.eval_batch_size, precision)
         if device.type == "cuda":
@@ -75,13 +87,14 @@ def worker(rank: int, arch: str, n: int, precision: str, barrier, queue) -> None
     queue.put(times)
 
 
-def measure(arch: str, procs: int, n: int, precision: str) -> dict[str, float]:
-    """Aggregate images per second per phase for `procs` processes sharing the device."""
+def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1) -> dict[str, float]:
+    """Aggregate images per second per phase for `procs` processes sharing the device, each training `stack`
+    models at once (train and predict count every model's images)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
-    ps = [ctx.Process(target=worker, args=(r, arch, n, precision, barrier, queue)) for r in range(procs)]
+    ps = [ctx.Process(target=worker, args=(r, arch, n, precision, stack, barrier, queue)) for r in range(procs)]
     for p in ps:
         p.start()
     results = [queue.get() for _ in ps]
@@ -89,7 +102,9 @@ def measure(arch: str, procs: int, n: int, precision: str) -> dict[str, float]:
         p.join()
         if p.exitcode:
             raise SystemExit(f"a worker exited with {p.exitcode}")
-    return {ph: procs * n / (max(r[ph][1] for r in results) - min(r[ph][0] for r in results)) for ph in PHASES}
+    models = {"train": stack, "finetune": 1, "predict": stack}
+    return {ph: procs * models[ph] * n / (max(r[ph][1] for r in results) - min(r[ph][0] for r in results))
+            for ph in PHASES}
 
 
 def main() -> None:
@@ -102,6 +117,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=25_600, help="images per process per phase")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--arch", choices=sorted(SHAPES), default="resnet18")
+    ap.add_argument("--stack", type=int, nargs="+", default=[1], help="models stacked per process (K)")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
     print(f"device: {device}, torch {torch.__version__}; {args.arch}, batch {SHAPES[args.arch]['batch']}, "
@@ -109,20 +125,28 @@ def main() -> None:
     rates = {}
     for precision in args.precisions:
         for p in args.procs:
-            rates[precision, p] = r = measure(args.arch, p, args.images, precision)
-            print(f"  {precision:<5} P={p}: train {r['train']:8.0f} img/s | finetune (DataLoader) "
-                  f"{r['finetune']:8.0f} img/s | predict x2 queries {r['predict']:8.0f} img/s", flush=True)
+            for k in args.stack:
+                try:
+                    rates[precision, p, k] = r = measure(args.arch, p, args.images, precision, k)
+                except SystemExit as exc:  # e.g. out of memory at a large K: the other settings still count
+                    print(f"  {precision:<5} P={p} K={k}: failed ({exc})", flush=True)
+                    continue
+                print(f"  {precision:<5} P={p} K={k}: train {r['train']:8.0f} img/s | finetune (batch loader) "
+                      f"{r['finetune']:8.0f} img/s | predict x2 queries {r['predict']:8.0f} img/s", flush=True)
+    base = (args.procs[0], args.stack[0])
     for precision in args.precisions:
-        one = rates[precision, args.procs[0]]["train"]
-        print(f"  {precision}: train rate vs P={args.procs[0]}: " + ", ".join(
-            f"P={p} {rates[precision, p]['train'] / one:.2f}x" for p in args.procs))
+        if (precision, *base) not in rates:
+            continue
+        one = rates[precision, *base]["train"]
+        print(f"  {precision}: train rate vs P={base[0]} K={base[1]}: " + ", ".join(
+            f"P={p} K={k} {r['train'] / one:.2f}x" for (pr, p, k), r in rates.items() if pr == precision))
 
     if args.arch != "resnet18":
         # the fashion-mnist preset's shadow: 5 epochs on 30,000 images, then predicting 70,000 (x2 queries)
-        per_model = {(pr, p): 5 * 30_000 / r["train"] + 70_000 / r["predict"] for (pr, p), r in rates.items()}
-        (pr, p), best = min(per_model.items(), key=lambda kv: kv[1])
+        per_model = {key: 5 * 30_000 / r["train"] + 70_000 / r["predict"] for key, r in rates.items()}
+        (pr, p, k), best = min(per_model.items(), key=lambda kv: kv[1])
         print(f"  one fashion-mnist shadow (5 epochs x 30,000 + predicting 70,000): {best:.3f} GPU-s at the best "
-              f"packing measured ({pr}, P={p})")
+              f"packing measured ({pr}, P={p}, K={k})")
         return
     # GPU-hours of the preset's evaluation set (retrained + unlearned models), from the best measured packing
     spec = load_spec("cifar10-resnet18")
@@ -130,13 +154,17 @@ def main() -> None:
     method = spec.unlearn[0]
     n_retrain, n_unlearned = spec.count("retrain"), method.count
     for precision in args.precisions:
-        best_p = max(args.procs, key=lambda p: rates[precision, p]["train"])
-        r = rates[precision, best_p]
+        mine = {(p, k): r for (pr, p, k), r in rates.items() if pr == precision}
+        if not mine:
+            continue
+        best_p, best_k = max(mine, key=lambda pk: mine[pk]["train"])
+        r = mine[best_p, best_k]
+        fine = max(mine.values(), key=lambda m: m["finetune"])["finetune"]  # finetunes pack without stacking
         predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]
         retrain_s = spec.training.epochs * retain / r["train"] + predict_s
-        unlearn_s = method.hparams.get("epochs", 1) * retain / r["finetune"] + predict_s
+        unlearn_s = method.hparams.get("epochs", 1) * retain / fine + predict_s
         hours = (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600
-        print(f"  sizing ({precision}, P={best_p} per GPU): one retrain ({spec.training.epochs} epochs x {retain} "
+        print(f"  sizing ({precision}, P={best_p} K={best_k} per GPU): one retrain ({spec.training.epochs} epochs x {retain} "
               f"images + predicting {CIFAR_TRAIN + CIFAR_TEST}) {retrain_s:.1f} GPU-s; one {method.method} "
               f"({method.hparams.get('epochs', 1)} epochs) {unlearn_s:.1f} GPU-s; {n_retrain} + {n_unlearned} "
               f"models: {hours:.2f} GPU-hours")

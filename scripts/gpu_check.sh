@@ -8,7 +8,8 @@
 # on an H100/H200) against one at a time; the limits add up to 300 s, within one device call with room for
 # a rerun. PART=more (a second call, limits 510 s): 256 shadows with grouped convolutions and with
 # deterministic kernels, the deterministic layouts' step and the packing figures. PART=compile (210 s): the
-# batched-products profile and torch.compile timings.
+# batched-products profile and torch.compile timings. PART=resnet (540 s): ResNet-18 on CIFAR-shaped data,
+# P processes per GPU x K models stacked per process, and the GPU-hours of the 512 + 512 set at the best.
 set -u
 DATA=${DATA:-data/fashion-mnist}
 OUT=${OUT:-.}
@@ -27,9 +28,11 @@ elif [ "$PART" = more ]; then
   step step-deterministic 60 $PY scripts/bench_stacked_step.py --layouts bmm triton --precisions bf16 --kernels deterministic --steps 5
   step packing-small-cnn 60 $PY scripts/bench_packing.py --arch small-cnn --procs 1 4 --precisions bf16 --images 30000 ${PACKING_ARGS:-}
   step packing-resnet18 120 $PY scripts/bench_packing.py --precisions bf16 --images 12800 ${PACKING_ARGS:-}
+elif [ "$PART" = resnet ]; then
+  step resnet-stack 540 $PY scripts/bench_packing.py --precisions bf16 --images 12800 --procs 1 4 --stack 1 4 16 ${PACKING_ARGS:-}
 elif [ "$PART" = compile ]; then
   step step-bmm 60 $PY scripts/bench_stacked_step.py --layouts bmm --precisions bf16 --kernels autotuned --profile
   step step-compiled 150 $PY scripts/bench_stacked_step.py --layouts grouped bmm --precisions bf16 --kernels autotuned --compile --profile
 else
-  echo "gpu_check: PART must be target, more or compile, got $PART" >&2; exit 2
+  echo "gpu_check: PART must be target, more, resnet or compile, got $PART" >&2; exit 2
 fi

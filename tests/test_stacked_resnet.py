@@ -228,3 +228,27 @@ def test_the_engine_stacks_resnet18_jobs_of_one_training_set_size(tmp_path):
     a, b = RunStore(str(tmp_path / "single")).read_conf(), RunStore(str(tmp_path / "batched")).read_conf()
     assert a.model_ids == b.model_ids
     assert np.allclose(a.conf, b.conf, atol=2e-3, rtol=1e-3)
+
+
+def test_stacked_prediction_uses_running_statistics_as_each_model_does():
+    """The GPU's prediction path (the stacked forward pass in chunks) runs in eval mode even right after
+    training, and equals each unstacked model's prediction on the CPU path."""
+    import numpy as np
+
+    from farm.spec import ModelSpec
+    from farm.train.loops import predict_logits
+    from farm.train.models import build_model
+    from farm.train.stacked import StackedModels, predict_stacked_chunks
+
+    torch.manual_seed(0)
+    models = [build_model(ModelSpec(arch="resnet18"), in_channels=1, n_classes=4, image_size=8) for _ in range(2)]
+    for m in models:  # running statistics unlike a batch's, so train mode would give other logits
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-1, 1)
+                mod.running_var.uniform_(0.5, 2)
+    stack = StackedModels(models).train()
+    images = torch.randn(6, 1, 8, 8)
+    got = predict_stacked_chunks(stack, images, ("plain",), chunk=4)
+    want = np.stack([predict_logits(m, images, ("plain",), 4) for m in stack.unstack()])
+    assert np.allclose(got, want, atol=1e-4)

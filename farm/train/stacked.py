@@ -215,7 +215,6 @@ def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[s
     grow with both, and K=256 models x 4,096 images would not fit on any card."""
     if not images.is_cuda:
         return np.stack([predict_logits(m, images, queries, batch_size, precision) for m in stack.unstack()])
-    stack.train(False)
     return predict_stacked_chunks(stack, images, queries, max(1, min(batch_size, PREDICT_PAIRS // stack.k)),
                                   precision)
 
@@ -223,7 +222,9 @@ def predict_stacked(stack: StackedModels, images: torch.Tensor, queries: tuple[s
 @torch.no_grad()
 def predict_stacked_chunks(stack: StackedModels, images: torch.Tensor, queries: tuple[str, ...], chunk: int,
                            precision: str = "fp32") -> np.ndarray:
-    """predict_stacked through the stacked forward pass, `chunk` images at a time (any device)."""
+    """predict_stacked through the stacked forward pass, `chunk` images at a time (any device), in eval mode
+    (BatchNorm's running statistics)."""
+    stack.train(False)
     out = None
     for start in range(0, len(images), chunk):
         x = images[start:start + chunk]
