@@ -2,15 +2,22 @@
 time (forward, gradients, running statistics after SGD steps, eval predictions, unstacking)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from farm.spec import ModelSpec
+from farm.run import prepare_run
+from farm.spec import ModelSpec, spec_from_dict
+from farm.store import RunStore
+from farm.train.engine import Engine
+from farm.train.loops import predict_logits
 from farm.train.models import build_model
+from farm.train.stacked import StackedModels, predict_stacked_chunks
 from farm.train.stacked_resnet import StackedNet, stack_models, unstack
+from tests.conftest import TINY_SPEC
 
 K, B, N_CLASSES = 3, 4, 3
 TOL = dict(rtol=1e-9, atol=1e-10)  # float64: differences are the kernels' summation order only
@@ -199,20 +206,10 @@ def test_the_engine_stacks_resnet18_jobs_of_one_training_set_size(tmp_path):
     size each, and equals training one at a time.  One SGD step per model: ResNet-18 training from scratch
     amplifies float rounding (a 1e-7 relative change of the initial weights grows to 1e-2 in 3 steps at
     lr 0.05, one model alone), so longer runs agree only as models, not to a tolerance."""
-    import copy as _copy
-
-    import numpy as np
-
-    from farm.run import prepare_run
-    from farm.spec import spec_from_dict
-    from farm.store import RunStore
-    from farm.train.engine import Engine
-    from tests.conftest import TINY_SPEC
-
     rng = np.random.default_rng(0)  # a small image set: ResNet-18 on the CPU takes seconds per 256 images
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (80, 8, 8, 3), dtype=np.uint8),
              labels=rng.integers(0, 4, 80))
-    raw = _copy.deepcopy(TINY_SPEC)
+    raw = copy.deepcopy(TINY_SPEC)
     raw.update(model={"arch": "resnet18"}, counts={"retrain": 2, "shadow": 2}, unlearn=[], queries=["plain"],
                dataset={"name": "arrays", "path": str(tmp_path / "d.npz"), "test_fraction": 0.25})
     raw["training"].update(epochs=1, batch_size=4096)  # the whole training set: one step
@@ -233,13 +230,6 @@ def test_the_engine_stacks_resnet18_jobs_of_one_training_set_size(tmp_path):
 def test_stacked_prediction_uses_running_statistics_as_each_model_does():
     """The GPU's prediction path (the stacked forward pass in chunks) runs in eval mode even right after
     training, and equals each unstacked model's prediction on the CPU path."""
-    import numpy as np
-
-    from farm.spec import ModelSpec
-    from farm.train.loops import predict_logits
-    from farm.train.models import build_model
-    from farm.train.stacked import StackedModels, predict_stacked_chunks
-
     torch.manual_seed(0)
     models = [build_model(ModelSpec(arch="resnet18"), in_channels=1, n_classes=4, image_size=8) for _ in range(2)]
     for m in models:  # running statistics unlike a batch's, so train mode would give other logits
