@@ -43,7 +43,8 @@ _MODES = ("online", "offline", "global")
 _VARIANCES = ("per_example", "global")
 _NORMALTEST_MIN = 8  # scipy.stats.skewtest needs >= 8 values
 
-__all__ = ["lira_scores", "lira_leave_one_out", "lira_leave_pair_out", "random_partners", "gaussian_check",
+__all__ = ["lira_scores", "lira_leave_one_out", "lira_leave_pair_out", "lira_group_ssd", "pooled_spreads",
+           "random_partners", "gaussian_check", "gaussian_pvalues", "gaussian_summary",
            "pair_vulnerability", "pair_vulnerability_null", "roc_curve", "roc_auc", "tpr_at_fpr", "roc_metrics"]
 
 
@@ -93,15 +94,21 @@ def _fit(x, member):
 
     x[C, Q, M] float64, member[C, M] bool.  Returns (median[C,Q], mean[C,Q], ssd[C,Q], n[C]).
     """
+    mean, ssd, n = _moments(x, member)
+    srt = _group_sorted(x, member)
+    med = _median_sorted(srt, n)
+    return med, mean, ssd, n, srt
+
+
+def _moments(x, member):
+    """_fit's mean[C, Q], sum of squared deviations ssd[C, Q] and count n[C] alone (no sort)."""
     n = member.sum(axis=1)
     w = member[:, None, :]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(w, x, 0.0).sum(-1) / n[:, None]
         d = np.where(w, x - mean[..., None], 0.0)
         ssd = (d * d).sum(-1)
-    srt = _group_sorted(x, member)
-    med = _median_sorted(srt, n)
-    return med, mean, ssd, n, srt
+    return mean, ssd, n
 
 
 def _pooled_std(ssd, n):
@@ -256,7 +263,7 @@ def lira_leave_one_out(conf, shadow_in, *, mode: str = "online", variance: str =
 
 
 def lira_leave_pair_out(conf, shadow_in, partner, *, mode: str = "online", variance: str = "per_example",
-                        chunk: int = 1024, workers: int | None = None) -> np.ndarray:
+                        chunk: int = 1024, workers: int | None = None, pooled: dict | None = None) -> np.ndarray:
     """Leave-pair-out LiRA over a set of shadows -> scores float64[M, E] (NaN where partner is -1).
 
     conf[M, E] or [M, E, Q]: logit-scaled confidences; shadow_in bool[M, E]; partner int[M] (one
@@ -274,7 +281,9 @@ def lira_leave_pair_out(conf, shadow_in, partner, *, mode: str = "online", varia
 
     online needs >= 2 IN and >= 2 OUT shadows for every example with a scored cell (one of each
     remains), offline >= 2 OUT.  variance="global" pools one spread per side over all examples,
-    computed once from all shadows (as lira_leave_one_out).  mode="global" is mean_q conf.
+    computed once from all shadows (as lira_leave_one_out); ``pooled`` ({"in": s_in, "out": s_out}, from
+    pooled_spreads over every example) uses spreads pooled elsewhere instead, so that a subset of the
+    examples (a chunk) is scored exactly as within the whole.  mode="global" is mean_q conf.
     """
     _check_mode(mode, variance)
     c, mask = _as_conf_mask(conf, shadow_in, chunk)
@@ -290,7 +299,8 @@ def lira_leave_pair_out(conf, shadow_in, partner, *, mode: str = "online", varia
         n_in_all = mask.sum(0)
         _check_counts(np.where(active, n_in_all, 2), np.where(active, m - n_in_all, 2), mode, 2, 2,
                       "shadows (leave-pair-out removes one of each)")
-        out = _leave_out(c, mask, mode, variance, chunk, workers, np.where(scored, pt, np.arange(m)[:, None]))
+        out = _leave_out(c, mask, mode, variance, chunk, workers, np.where(scored, pt, np.arange(m)[:, None]),
+                         pooled)
     out[~scored] = np.nan
     return out
 
@@ -336,13 +346,14 @@ def random_partners(shadow_in, seed) -> np.ndarray:
     return partner
 
 
-def _leave_out(c, mask, mode, variance, chunk, workers, partner):
+def _leave_out(c, mask, mode, variance, chunk, workers, partner, pooled=None):
     """Shared driver: scores [M, E] by chunks of examples (partner int64[M, E] or None = leave-one-out)."""
     m, n_ex, q = c.shape
     out = np.empty((m, n_ex), dtype=np.float64)
-    pooled = None
-    if variance == "global":
-        pooled = _pooled_global(c, mask, chunk, mode)
+    if variance != "global":
+        pooled = None
+    elif pooled is None:
+        pooled = pooled_spreads(*lira_group_ssd(c, mask, chunk), block=chunk)
 
     def work(start):
         sl = slice(start, min(start + chunk, n_ex))
@@ -366,16 +377,35 @@ def _leave_out(c, mask, mode, variance, chunk, workers, partner):
     return out
 
 
-def _pooled_global(c, mask, chunk, mode):
-    tot = {"in": [0.0, 0.0], "out": [0.0, 0.0]}
-    for start in range(0, c.shape[1], chunk):
-        sl = slice(start, min(start + chunk, c.shape[1]))
+def lira_group_ssd(conf, shadow_in, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per example and query, the sum of squared deviations from its group's mean of the IN shadows' and
+    of the OUT shadows' confidences, with the group sizes -> (ssd_in[E, Q], n_in[E], ssd_out[E, Q],
+    n_out[E]), float64 and int.  Each example's values depend on that example alone, so those of a subset
+    of the examples equal the same rows computed on all of them; pooled_spreads combines them."""
+    c, mask = _as_conf_mask(conf, shadow_in, chunk)
+    n_ex, q = c.shape[1], c.shape[2]
+    out = (np.empty((n_ex, q)), np.empty(n_ex, np.int64), np.empty((n_ex, q)), np.empty(n_ex, np.int64))
+    for start in range(0, n_ex, chunk):
+        sl = slice(start, min(start + chunk, n_ex))
         xs = np.moveaxis(np.asarray(c[:, sl], dtype=np.float64), 0, -1)
         mk = mask[:, sl].T
-        for side, mm in (("in", mk), ("out", ~mk)):
-            _, _, ssd, n, _ = _fit(xs, mm)
-            tot[side][0] += float(ssd.sum())
-            tot[side][1] += float(n.sum()) * xs.shape[1]
+        for k, mm in ((0, mk), (2, ~mk)):
+            _, out[k][sl], out[k + 1][sl] = _moments(xs, mm)
+    return out
+
+
+def pooled_spreads(ssd_in, n_in, ssd_out, n_out, block: int = 1024) -> dict:
+    """variance="global"'s spread per side, sqrt(sum ssd / sum count) over every example and query, from
+    lira_group_ssd's per-example sums (of all examples, in order) -> {"in": s_in, "out": s_out}.  The sums
+    run over blocks of ``block`` examples in order (the chunk of lira_leave_pair_out), so the spreads equal
+    those lira_leave_pair_out pools itself with chunk = block, bit for bit."""
+    tot = {"in": [0.0, 0.0], "out": [0.0, 0.0]}
+    n_ex, q = np.shape(ssd_in)
+    for start in range(0, n_ex, block):
+        sl = slice(start, min(start + block, n_ex))
+        for side, ssd, n in (("in", ssd_in, n_in), ("out", ssd_out, n_out)):
+            tot[side][0] += float(np.ascontiguousarray(ssd[sl]).sum())
+            tot[side][1] += float(n[sl].sum()) * q
     return {side: np.sqrt(v[0] / v[1]) for side, v in tot.items()}
 
 
@@ -438,8 +468,18 @@ def gaussian_check(conf, shadow_in, alpha: float = 0.05) -> dict:
     constant group); the others are not tested.  Returns {"alpha", "n_tested",
     "fraction_in_rejected", "fraction_out_rejected", "fraction_either_rejected" (p < alpha, fractions
     of the tested examples, NaN when none), "expected_either_by_chance": 1 - (1 - alpha)^2,
-    "min_group_size": 8}.
+    "min_group_size": 8}.  = gaussian_summary(*gaussian_pvalues(conf, shadow_in), alpha).
     """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return gaussian_summary(*gaussian_pvalues(conf, shadow_in), alpha)
+
+
+def gaussian_pvalues(conf, shadow_in) -> tuple[np.ndarray, np.ndarray]:
+    """gaussian_check's per-example p-values of the IN and of the OUT group -> (p_in[E], p_out[E]), NaN where
+    an example is not tested.  Each example's p-values depend on that example alone (a group of one example is
+    tested as a column of two equal ones, as numpy sums a single column in another order), so those of a
+    subset of the examples equal the same entries computed on all of them."""
     c = np.asarray(conf, dtype=np.float64)
     if c.ndim == 3:
         c = c[..., 0]
@@ -447,8 +487,6 @@ def gaussian_check(conf, shadow_in, alpha: float = 0.05) -> dict:
     if c.ndim != 2 or mask.dtype != bool or mask.shape != c.shape:
         raise ValueError(f"expected conf[M, E(, Q)] and boolean shadow_in[M, E], got {np.shape(conf)} and "
                          f"{mask.dtype} {mask.shape}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     _finite(c, "conf")
     m = c.shape[0]
     n_in = mask.sum(0)
@@ -457,12 +495,21 @@ def gaussian_check(conf, shadow_in, alpha: float = 0.05) -> dict:
     size = np.minimum(n_in, m - n_in)
     for k in np.unique(n_in[size >= _NORMALTEST_MIN]):
         ex = np.flatnonzero((n_in == k) & (size >= _NORMALTEST_MIN))
-        order = np.argsort(~mask[:, ex], axis=0, kind="stable")  # IN shadows first
-        vals = np.take_along_axis(c[:, ex], order, axis=0)
+        cols = np.repeat(ex, 2) if ex.size == 1 else ex
+        order = np.argsort(~mask[:, cols], axis=0, kind="stable")  # IN shadows first
+        vals = np.take_along_axis(c[:, cols], order, axis=0)
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")  # kurtosistest warns below n = 20; constant groups give NaN
-            p_in[ex] = stats.normaltest(vals[:k], axis=0).pvalue
-            p_out[ex] = stats.normaltest(vals[k:], axis=0).pvalue
+            p_in[ex] = stats.normaltest(vals[:k], axis=0).pvalue[:ex.size]
+            p_out[ex] = stats.normaltest(vals[k:], axis=0).pvalue[:ex.size]
+    return p_in, p_out
+
+
+def gaussian_summary(p_in, p_out, alpha: float = 0.05) -> dict:
+    """gaussian_check's figures from the per-example p-values of every example (gaussian_pvalues)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    p_in, p_out = np.asarray(p_in, dtype=np.float64), np.asarray(p_out, dtype=np.float64)
     tested = np.isfinite(p_in) & np.isfinite(p_out)
     n_tested = int(tested.sum())
     rin, rout = p_in[tested] < alpha, p_out[tested] < alpha

@@ -24,7 +24,7 @@ from scipy.special import expit
 
 from .vulnerability import check_partner
 
-__all__ = ["rmia_scores", "rmia_leave_one_out", "rmia_leave_pair_out"]
+__all__ = ["rmia_scores", "rmia_leave_one_out", "rmia_leave_pair_out", "rmia_pair_ratios", "rmia_pair_counts"]
 
 
 def _prob(c, name):
@@ -137,7 +137,43 @@ def rmia_leave_pair_out(conf, shadow_in, partner, pop_conf=None, *, a: float = 0
     with the population Z_t = the train examples OUT for t plus every pop_conf column.  The OUT mean
     comes from running sums minus the one OUT value of the pair (exactly one of t, partner is OUT on
     e).  Needs >= 2 OUT shadows per example (one remains as reference).
+    = rmia_pair_counts(*rmia_pair_ratios(conf, shadow_in, partner, pop_conf, a=a), shadow_in, partner, gamma).
     """
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    ratio, pop_ratio = rmia_pair_ratios(conf, shadow_in, partner, pop_conf, a=a)
+    return rmia_pair_counts(ratio, pop_ratio, shadow_in, partner, gamma)
+
+
+def _sum_models(p):
+    """p[M, N] summed over the models in order, ((p0 + p1) + p2) + ..., whatever N (numpy's own axis-0 sum
+    takes another order for a single column), so a column's sum does not depend on the other columns."""
+    out = np.array(p[0], dtype=np.float64, copy=True)
+    for row in p[1:]:
+        out += row
+    return out
+
+
+def _one_partner(partner, mask):
+    """int[M]: one partner per shadow (checked against the membership of every example given)."""
+    pt = check_partner(partner, mask)
+    if np.ndim(partner) == 1:  # also with no example to check it on (a chunk of test examples alone)
+        one = np.asarray(partner, dtype=np.int64)
+        if ((one < -1) | (one >= mask.shape[0]) | (one == np.arange(mask.shape[0]))).any():
+            raise ValueError(f"partner {one.tolist()} is not -1 or a valid shadow index other than its own")
+        return one
+    varies = (pt != pt[:, :1]).any(1)
+    if varies.any():
+        raise ValueError(f"rmia_leave_pair_out needs one partner per shadow; partner row {int(np.argmax(varies))} "
+                         "varies across examples")
+    return pt[:, 0] if pt.shape[1] else np.full(mask.shape[0], -1)
+
+
+def rmia_pair_ratios(conf, shadow_in, partner, pop_conf=None, *,
+                     a: float = 0.3) -> tuple[np.ndarray, np.ndarray | None]:
+    """rmia_leave_pair_out's likelihood ratios, before the counting -> (ratio_t(x)[M, E], ratio_t(z)[M, Z] or
+    None), NaN rows where partner[t] is -1.  Each example's (and population column's) ratios depend on that
+    column alone, so the ratios of a subset of the columns (a chunk) equal the same entries computed on all."""
     p = _mean_q(_prob(conf, "conf"), 2)
     mask = np.asarray(shadow_in)
     if p.ndim != 2 or mask.dtype != bool or mask.shape != p.shape:
@@ -150,34 +186,45 @@ def rmia_leave_pair_out(conf, shadow_in, partner, pop_conf=None, *, a: float = 0
             raise ValueError(f"pop_conf must have shape [M, Z(, Q)] with M = {m}, got {np.shape(pop_conf)}")
     if not (0.0 <= a <= 1.0):
         raise ValueError(f"a must lie in [0, 1], got {a}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    pt = check_partner(partner, mask)
-    varies = (pt != pt[:, :1]).any(1)
-    if varies.any():
-        raise ValueError(f"rmia_leave_pair_out needs one partner per shadow; partner row {int(np.argmax(varies))} "
-                         "varies across examples")
-    pt = pt[:, 0] if pt.shape[1] else np.full(m, -1)
+    pt = _one_partner(partner, mask)
     n_out = (~mask).sum(0)
     if (n_out < 2).any():
         e = int(np.argmax(n_out < 2))
         raise ValueError(f"leave-pair-out RMIA needs at least 2 OUT shadows for every example; "
                          f"example {e} has {int(n_out[e])}")
-    sum_out = np.where(mask, 0.0, p).sum(0)
-    sum_z = pz.sum(0) if pz is not None else None
-    out = np.full(p.shape, np.nan)
+    sum_out = _sum_models(np.where(mask, 0.0, p))
+    sum_z = _sum_models(pz) if pz is not None and pz.shape[1] else None
+    ratio = np.full(p.shape, np.nan)
+    pop_ratio = np.full(pz.shape, np.nan) if pz is not None else None
     for t in range(m):
         q = int(pt[t])
         if q < 0:
             continue
         removed = np.where(mask[t], p[q], p[t])  # the OUT member's value on each example
         pr_x = ((1 + a) * (sum_out - removed) / (n_out - 1) + (1 - a)) / 2
-        ratio = p[t] / pr_x
-        pop = ratio[~mask[t]]
-        if pz is not None:
+        ratio[t] = p[t] / pr_x
+        if sum_z is not None:
             pr_z = ((1 + a) * (sum_z - pz[t] - pz[q]) / (m - 2) + (1 - a)) / 2
-            pop = np.concatenate([pop, pz[t] / pr_z])
+            pop_ratio[t] = pz[t] / pr_z
+    return ratio, pop_ratio
+
+
+def rmia_pair_counts(ratio, pop_ratio, shadow_in, partner, gamma: float = 1.0) -> np.ndarray:
+    """rmia_leave_pair_out's scores from its ratios over every example (rmia_pair_ratios): per target t,
+    mean over the population (the train examples OUT for t, then every pop_ratio column) of
+    1[ratio_t(x) / ratio_t(z) > gamma] -> float64[M, E] (NaN rows where partner[t] is -1)."""
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    mask = np.asarray(shadow_in)
+    pt = _one_partner(partner, mask)
+    out = np.full(mask.shape, np.nan)
+    for t in range(mask.shape[0]):
+        if pt[t] < 0:
+            continue
+        pop = ratio[t][~mask[t]]
+        if pop_ratio is not None:
+            pop = np.concatenate([pop, pop_ratio[t]])
         if pop.size == 0:
             raise ValueError(f"target {t} has an empty population (no OUT train example and no pop_conf)")
-        out[t] = _count_greater(ratio, pop, gamma)
+        out[t] = _count_greater(ratio[t], pop, gamma)
     return out

@@ -24,6 +24,7 @@ from farm.store import RunStore, StoreError
 from farm.targets import TargetsError, targets_from_flags
 
 DEFAULT_DEMO_STORE = "runs/digits-demo"
+DEFAULT_CHUNK_EXAMPLES = 8192  # evaluation.report.DEFAULT_CHUNK_EXAMPLES (not imported: --help stays light)
 USER_ERRORS = (SpecError, DataError, StoreError, SettingsError)
 INTERRUPTED = "ufarm: interrupted; models already committed stay, re-run the same command to resume"
 
@@ -52,10 +53,10 @@ def _add_store(p: argparse.ArgumentParser, *, positional: bool = False, default:
         p.add_argument("store_pos", nargs="?", metavar="STORE", help="the run store (same as --store)")
 
 
-def _add_executor(p: argparse.ArgumentParser, what: str = "train") -> None:
+def _add_executor(p: argparse.ArgumentParser, what: str = "train", executor_help: str | None = None) -> None:
     p.add_argument("--executor", choices=("ray", "local"), default=None,
-                   help=f"ray (default): {what} with Ray actors on RAY_ADDRESS / --address, else a local Ray; "
-                        f"local: {what} in this process, without Ray")
+                   help=executor_help or (f"ray (default): {what} with Ray actors on RAY_ADDRESS / --address, else a "
+                                          f"local Ray; local: {what} in this process, without Ray"))
     p.add_argument("--local", action="store_true", help=argparse.SUPPRESS)  # deprecated alias of --executor local
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started on demand)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,6 +83,32 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _sub(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
                           epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_evaluate(sub) -> None:
+    p = _sub(sub, "evaluate", "LiRA/RMIA, the competition's forgetting score, tests and a report",
+             "  ufarm evaluate --store runs/digits-demo\n"
+             "  ufarm evaluate --store runs/a --method finetune --out report-finetune/\n"
+             "  ufarm evaluate --store s3://bucket/runs/a --executor ray --address ray://head:10001")
+    _add_store(p, positional=True)
+    p.add_argument("--method", help="only this unlearning method (its name or <method>-<hparams hash>)")
+    p.add_argument("--out", help="report folder or URI (default: <run>/report/)")
+    p.add_argument("--n-boot", type=int, default=None,
+                   help="draws behind the equal-count F and F_null (default 20; a multiple of 4 keeps their "
+                        "jackknife groups equal)")
+    p.add_argument("--max-examples", type=int, default=None, help="at most this many forget examples per statistic")
+    p.add_argument("--rmia-a", type=float, default=None, help="RMIA's offline a (default 0.3)")
+    p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA's likelihood-ratio threshold (default 1)")
+    p.add_argument("--verify", action="store_true",
+                   help="read whole logits files against their sha256 (default: only the columns used, each "
+                        "page against its CRC-32)")
+    _add_executor(p, executor_help=(
+        "local (default without --address or RAY_ADDRESS): every job in this process; ray (default with one): "
+        "chunks of examples and unlearning methods as Ray tasks of 1 CPU (a local Ray when no address is given). "
+        "The report is the same either way"))
+    p.add_argument("--chunk-examples", type=int, default=None, metavar="N",
+                   help=f"examples per membership job (default {DEFAULT_CHUNK_EXAMPLES}, a row group of the logits "
+                        "files): a job holds its N examples of every shadow, so its memory follows shadows x N")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,22 +146,7 @@ def parser() -> argparse.ArgumentParser:
     _add_store(p)
     _add_executor(p, what="train missing reference models")
     p.add_argument("--restart", action="store_true", help="start the search afresh instead of resuming it")
-    p = _sub(sub, "evaluate", "LiRA/RMIA, the competition's forgetting score, tests and a report",
-             "  ufarm evaluate --store runs/digits-demo\n"
-             "  ufarm evaluate --store runs/a --method finetune --out report-finetune/")
-    _add_store(p, positional=True)
-    p.add_argument("--method", help="only this unlearning method (its name or <method>-<hparams hash>)")
-    p.add_argument("--out", help="report folder or URI (default: <run>/report/)")
-    p.add_argument("--n-boot", type=int, default=None,
-                   help="draws behind the equal-count F and F_null (default 20; a multiple of 4 keeps their "
-                        "jackknife groups equal)")
-    p.add_argument("--max-examples", type=int, default=None, help="at most this many forget examples per statistic")
-    p.add_argument("--rmia-a", type=float, default=None, help="RMIA's offline a (default 0.3)")
-    p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA's likelihood-ratio threshold (default 1)")
-    p.add_argument("--verify", action="store_true",
-                   help="read whole logits files against their sha256 (default: only the columns used, each "
-                        "page against its CRC-32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_evaluate(sub)
     # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
     add_export(sub)
     p = _sub(sub, "methods", "the built-in unlearning methods: parameters, defaults, ranges and sources",
@@ -162,15 +174,26 @@ def executor_of(args) -> str:
         print("ufarm: warning: --local is deprecated and will be removed in the next release; use --executor local",
               file=sys.stderr)
         return "local"
+    if args.executor is None and args.command == "evaluate":  # Ray only when a cluster is named
+        return "ray" if args.address or Settings.from_env().ray_address else "local"
     return args.executor or "ray"
 
 
 def cmd_evaluate(args) -> int:
     # on demand: `ufarm --help`, `status` and `presets` load neither torch nor Ray
-    from evaluation.report import evaluate_store, summary_lines
+    from evaluation.report import ReportSettings, evaluate_store, summary_lines
 
+    if args.chunk_examples is not None and args.chunk_examples < 1:
+        raise SpecError(f"--chunk-examples must be >= 1, got {args.chunk_examples}")
     kw = {k: v for k, v in (("n_boot", args.n_boot), ("max_examples", args.max_examples),
-                            ("rmia_a", args.rmia_a), ("rmia_gamma", args.rmia_gamma)) if v is not None}
+                            ("rmia_a", args.rmia_a), ("rmia_gamma", args.rmia_gamma),
+                            ("chunk_examples", args.chunk_examples)) if v is not None}
+    ReportSettings(**kw)  # bad values fail here, in one line, before a Ray starts
+    if args.executor == "ray":
+        # on demand: Ray (and farm.run) only for --executor ray
+        from farm.run.evaluate_ray import ray_map
+
+        kw["map_chunks"] = ray_map(args.address)
     rep = evaluate_store(args.store, out=args.out, method=args.method, progress=not args.no_progress,
                          verify=args.verify, **kw)
     print("\n".join(summary_lines(rep)))

@@ -4,7 +4,7 @@
 #
 #   scripts/cluster.sh up                          # ray up cluster.yaml (AWS credentials needed here)
 #   scripts/cluster.sh run SPEC s3://bucket/run    # ufarm run SPEC --store ... on the cluster
-#   scripts/cluster.sh evaluate s3://bucket/run    # ufarm evaluate ... (report into the run)
+#   scripts/cluster.sh evaluate s3://bucket/run    # ufarm evaluate ... as Ray tasks (report into the run)
 #   scripts/cluster.sh tune SPEC s3://bucket/run   # ufarm tune SPEC --store ...
 #   scripts/cluster.sh status s3://bucket/run      # ufarm status (runs here, reads S3 directly)
 #   scripts/cluster.sh down
@@ -41,7 +41,7 @@ case "$cmd" in
   run) [ $# -ge 2 ] || { echo "usage: cluster.sh run SPEC s3://bucket/run" >&2; exit 2; }
        need_s3 "$2"; submit ufarm run "$1" --store "$2" --address auto --no-progress ;;
   evaluate) [ $# -ge 1 ] || { echo "usage: cluster.sh evaluate s3://bucket/run" >&2; exit 2; }
-       need_s3 "$1"; submit ufarm evaluate --store "$1" --no-progress ;;
+       need_s3 "$1"; submit ufarm evaluate --store "$1" --address auto --no-progress ;;
   tune) [ $# -ge 2 ] || { echo "usage: cluster.sh tune SPEC s3://bucket/run" >&2; exit 2; }
        need_s3 "$2"; submit ufarm tune "$1" --store "$2" --address auto --no-progress ;;
   status) [ $# -ge 1 ] || { echo "usage: cluster.sh status s3://bucket/run" >&2; exit 2; }

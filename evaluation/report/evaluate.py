@@ -1,12 +1,13 @@
 """Evaluate a run store: membership inference over the shadows, the competition's forgetting score and
 two-sample tests per unlearning method, utility and cost; write report.json, report.md and figures.
 
-``evaluate_store(uri, out=None, method=None, *, n_boot, max_examples, seed, progress, rmia_a, rmia_gamma)``
+``evaluate_store(uri, out=None, method=None, *, n_boot, max_examples, seed, progress, rmia_a, rmia_gamma, verify,
+map_chunks, chunk_examples)``
 
 The pipeline, one step per function below: read what the run holds (store_io.open_run), choose the examples
-(select_examples), compute each section from numpy arrays into a typed result (membership.membership_section,
-unlearning.headline_f_null and unlearning.method_section, utility), then render them (render: figures,
-report.md, report.json) and write the files (store_io.ReportWriter).
+(select_examples), compute each section as jobs (chunks: membership by chunks of examples into
+membership.membership_from_chunks, unlearning.headline_f_null and unlearning.method_section in a job per method,
+utility), then render them (render: figures, report.md, report.json) and write the files (store_io.ReportWriter).
 * membership: LiRA (online, offline, global) and RMIA over the shadows with leave-pair-out references,
   per-example vulnerability from within-pair comparisons with its chance level, a jackknife over target pairs
   and examples for every figure's precision (and the ROC band), LiRA's Gaussian check.
@@ -18,37 +19,38 @@ report.md, report.json) and write the files (store_io.ReportWriter).
 * utility (mean accuracy per split and role, from the markers) and cost (unlearning over retraining time).
 
 Models whose conf column holds NaN or infinite values are listed by model id and left out of every statistic.
-Memory: one role is held at a time as float32, LiRA works in chunks of examples, and the unlearning
-statistics only hold the forget and control examples.
+Memory: a membership job holds its chunk of examples of every shadow (float32), the driver the stacked
+per-example scores (float64, shadows x train examples, one array per attack) while it draws the ROC figures,
+and the unlearning jobs only the forget and control examples.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
 
 from ..competition import DELTA
-from .membership import FPRS, MIN_SHADOWS, MembershipResult, membership_section, too_few_shadows
+from .chunks import (DEFAULT_CHUNK_EXAMPLES, FORGET_EMPTY, ExampleSelection, membership_by_chunks, select_examples,
+                     unlearning_by_jobs)
+from .membership import FPRS, MIN_SHADOWS, MembershipResult, Map, serial_map
 from .render import figures, json_safe, markdown, safe_name
-from .store_io import ReportError, ReportWriter, RunContents, UnlearnedGroup, open_run, parquet_bytes, read_conf
-from .unlearning import BH_Q, FNullResult, MethodFigure, MethodModels, RetrainedPool, headline_f_null, method_section
-from .utility import accuracy_summary, cost_section
+from .store_io import ReportError, ReportWriter, RunContents, open_run, parquet_bytes
+from .unlearning import BH_Q, FNullResult, MethodFigure
+from .utility import accuracy_summary
 
 __all__ = ["evaluate_store", "ReportSettings", "ExampleSelection", "select_examples", "DEFAULT_N_BOOT",
-           "DEFAULT_MAX_EXAMPLES", "DEFAULT_RMIA_A", "DEFAULT_RMIA_GAMMA"]
+           "DEFAULT_MAX_EXAMPLES", "DEFAULT_RMIA_A", "DEFAULT_RMIA_GAMMA", "DEFAULT_CHUNK_EXAMPLES"]
 
 DEFAULT_N_BOOT = 20  # draws of the equal-count F and F_null (4 groups of 5 for their jackknife)
 DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_RMIA_A = 0.3  # RMIA's offline approximation Pr_in ~ a Pr_out + 1 - a (the paper's value for CIFAR-10)
 DEFAULT_RMIA_GAMMA = 1.0  # RMIA's likelihood-ratio threshold against the population
 CI = 0.95
-FORGET_EMPTY = "the store's forget set is empty: no unlearning statistic can be computed"
 Status = Callable[[str], None]
 
 
@@ -61,6 +63,7 @@ class ReportSettings:
     rmia_a: float = DEFAULT_RMIA_A
     rmia_gamma: float = DEFAULT_RMIA_GAMMA
     method: str | None = None
+    chunk_examples: int = DEFAULT_CHUNK_EXAMPLES  # examples per job (memory per job follows it)
 
     def __post_init__(self):
         if self.n_boot < 0:
@@ -70,34 +73,9 @@ class ReportSettings:
                               f"{self.rmia_gamma}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ReportError(f"max_examples must be >= 1 (or None for all), got {self.max_examples}")
-
-
-@dataclass(frozen=True)
-class ExampleSelection:
-    """Indices into the run's examples: the train and test splits (membership inference), and the forget
-    examples and control samples the unlearning statistics use."""
-    train: np.ndarray
-    test: np.ndarray
-    forget: np.ndarray
-    controls: dict[str, np.ndarray]  # "retain_control", "test_control"
-
-
-def _sample(idx: np.ndarray, k: int | None, rng) -> np.ndarray:
-    if k is None or idx.size <= k:
-        return idx
-    return np.sort(rng.choice(idx, k, replace=False))
-
-
-def select_examples(split: np.ndarray, forget: np.ndarray, max_examples: int | None, seed: int) -> ExampleSelection:
-    """At most ``max_examples`` forget examples (a seeded sample), and control samples of as many retain and
-    test examples."""
-    test = np.flatnonzero(split == "test")
-    rng = np.random.default_rng([seed, 0xE7A1])
-    forget_sel = _sample(np.flatnonzero(forget), max_examples, rng)
-    n_ctrl = forget_sel.size if max_examples is None else min(forget_sel.size, max_examples)
-    controls = {"retain_control": _sample(np.flatnonzero((split == "train") & ~forget), n_ctrl, rng),
-                "test_control": _sample(test, n_ctrl, rng)}
-    return ExampleSelection(np.flatnonzero(split == "train"), test, forget_sel, controls)
+        if isinstance(self.chunk_examples, bool) or not isinstance(self.chunk_examples, int) \
+                or self.chunk_examples < 1:
+            raise ReportError(f"chunk_examples must be a whole number >= 1, got {self.chunk_examples!r}")
 
 
 def _check_enough_models(run: RunContents) -> None:
@@ -112,63 +90,29 @@ def _check_enough_models(run: RunContents) -> None:
 
 
 # ------------------------------------------------------------------------------------ sections
-def _membership(run: RunContents, sel: ExampleSelection, settings: ReportSettings,
-                status: Status) -> tuple[MembershipResult, list[dict]]:
-    """Read the shadows and compute the membership section -> (result, models left out for NaN / inf)."""
-    shadows = run.by_role.get("shadow", [])
-    header: dict = {"n_shadows": len(shadows), "n_train_examples": int(sel.train.size)}
-    if len(shadows) < MIN_SHADOWS:
-        return too_few_shadows(header, len(shadows)), []
-    status("reading shadows")
-    read = read_conf(run, shadows)
-    if len(read.model_ids) < len(shadows):
-        header["note"] = (f"{len(shadows) - len(read.model_ids)} shadow(s) left out for NaN or infinite conf "
-                          "(see nonfinite)")
-    ids, nonfinite, member = read.model_ids, read.nonfinite, read.trained_on[:, sel.train]
-    conf_tr = read.conf[:, sel.train]  # [M, T, Q] float32
-    pop = read.conf[:, sel.test] if sel.test.size else None
-    del read
-    res = membership_section(ids, conf_tr, member, pop, run.forget[sel.train], run.example_ids[sel.train],
-                             seed=settings.seed, rmia_a=settings.rmia_a, rmia_gamma=settings.rmia_gamma, status=status)
-    return dataclasses.replace(res, section={**header, **res.section}), nonfinite
+class _Later:
+    """fn() run now in a daemon thread (``now``), or when its result is first asked for: a map that runs
+    jobs elsewhere (Ray) then holds the unlearning jobs beside the membership ones."""
 
+    def __init__(self, fn: Callable, now: bool):
+        self.fn, self.out, self.error, self.thread = fn, None, None, None
+        if now:
+            self.thread = threading.Thread(target=self._run, name="ufarm-evaluate-unlearning", daemon=True)
+            self.thread.start()
 
-def _retrained(run: RunContents, sel: ExampleSelection) -> tuple[MethodModels, list[dict]]:
-    """The retrained models on the forget and control examples only."""
-    retrain = run.by_role.get("retrain", [])
-    if not retrain:
-        return MethodModels([], [], np.zeros((0, sel.forget.size, 1), np.float32),
-                            {name: np.zeros((0, idx.size, 1), np.float32) for name, idx in sel.controls.items()}), []
-    read = read_conf(run, retrain)
-    return MethodModels(read.model_ids, read.markers, read.conf[:, sel.forget],
-                        {name: read.conf[:, idx] for name, idx in sel.controls.items()}), read.nonfinite
+    def _run(self) -> None:
+        try:
+            self.out = self.fn()
+        except BaseException as exc:  # re-raised in the caller's thread by result()
+            self.error = exc
 
-
-@dataclass(frozen=True)
-class _MethodPart:
-    section: dict  # with utility and cost
-    figure: MethodFigure | None  # None when nothing was computed (an empty forget set)
-    notes: list[str]
-    nonfinite: list[dict]
-    markers: list[dict]  # of the usable unlearned models
-
-
-def _method(run: RunContents, group: UnlearnedGroup, sel: ExampleSelection, retrained: MethodModels,
-            pool: RetrainedPool, seed: int, status: Status) -> _MethodPart:
-    """Read one method's models and compute its section, utility and cost."""
-    status(f"reading {group.key}")
-    read = read_conf(run, group.model_ids)
-    if sel.forget.size == 0:
-        return _MethodPart({"method": group.method, "message": FORGET_EMPTY}, None, [], read.nonfinite, read.markers)
-    unlearned = MethodModels(read.model_ids, read.markers, read.conf[:, sel.forget],
-                             {name: read.conf[:, idx] for name, idx in sel.controls.items()})
-    del read
-    res = method_section(group.key, group.method, group.hparams, unlearned, retrained, pool,
-                         run.example_ids[sel.forget], seed, status=status)
-    cost, cost_notes = cost_section(group.key, unlearned.ids, unlearned.markers, retrained.markers)
-    utility = {"unlearned": accuracy_summary(unlearned.markers), "retrained": accuracy_summary(retrained.markers)}
-    return _MethodPart({**res.section, "utility": utility, "cost": cost}, res.figure, res.notes + cost_notes, [],
-                       unlearned.markers)
+    def result(self):
+        if self.thread is None:
+            return self.fn()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.out
 
 
 @dataclass
@@ -182,22 +126,25 @@ class _Sections:
     notes: list[str]  # in report order
 
 
-def _compute_sections(run: RunContents, sel: ExampleSelection, settings: ReportSettings, bar) -> _Sections:
+def _compute_sections(run: RunContents, sel: ExampleSelection, settings: ReportSettings, bar, map_jobs: Map,
+                      distributed: bool) -> _Sections:
     status = bar.set_postfix_str
-    membership, nonfinite = _membership(run, sel, settings, status)
+    chunk = settings.chunk_examples
+    unlearning = _Later(lambda: unlearning_by_jobs(run, sel, chunk=chunk, n_boot=settings.n_boot,
+                                                   seed=settings.seed, map_jobs=map_jobs), now=distributed)
+    membership, nonfinite = membership_by_chunks(
+        run, sel, chunk=chunk, seed=settings.seed, rmia_a=settings.rmia_a, rmia_gamma=settings.rmia_gamma,
+        map_jobs=map_jobs, workers=1 if distributed else None, status=status)
     bar.update(1)
-    status("reading retrained models")
-    retrained, bad = _retrained(run, sel)
-    nonfinite += bad
-    pool = RetrainedPool(np.asarray(retrained.forget[..., 0], np.float64), settings.n_boot, settings.seed, status)
-    f_null = headline_f_null(pool, sel.forget.size)
+    status("retrained models, F_null and the methods")
+    head, rest = unlearning.result()
+    nonfinite += head.retrained_nonfinite
+    f_null = head.f_null
     notes = membership.notes + ([FORGET_EMPTY] if sel.forget.size == 0 else []) + f_null.notes
     bar.update(1)
-    if run.by_role.get("original"):
-        nonfinite += read_conf(run, run.by_role["original"]).nonfinite  # only to report NaN / inf conf by model id
+    nonfinite += head.originals_nonfinite  # only to report NaN / inf conf by model id
     s = _Sections(membership, f_null, {}, {}, _role_utility(run, nonfinite), nonfinite, notes)
-    for key, group in run.groups.items():
-        part = _method(run, group, sel, retrained, pool, settings.seed, status)
+    for key, part in zip(run.groups, [p.method for p in [head, *rest] if p.method is not None]):
         s.nonfinite += part.nonfinite
         s.methods[key] = part.section
         if part.figure is not None:
@@ -270,7 +217,8 @@ def _report(run: RunContents, sel: ExampleSelection, settings: ReportSettings, s
 def evaluate_store(uri: str, out: str | None = None, method: str | None = None, *, n_boot: int = DEFAULT_N_BOOT,
                    max_examples: int | None = DEFAULT_MAX_EXAMPLES, seed: int = 0, progress: bool = True,
                    rmia_a: float = DEFAULT_RMIA_A, rmia_gamma: float = DEFAULT_RMIA_GAMMA,
-                   verify: bool = False) -> dict:
+                   verify: bool = False, map_chunks: Map | None = None,
+                   chunk_examples: int = DEFAULT_CHUNK_EXAMPLES) -> dict:
     """Evaluate the run store at ``uri`` and write report.json, report.md, per-example Parquet files and
     PNG figures to ``out`` (default ``<run>/report/``; a local folder or s3://).  ``method`` restricts
     the unlearning part to one method (its name, or ``<method>-<hparams hash>``).  ``max_examples``
@@ -280,11 +228,18 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     files against their markers' sha256 instead of only the columns used (each page against its CRC-32).
     Returns the report as a dict, plus ``out`` and ``files``.
 
+    The work runs as jobs (evaluation.report.chunks): membership jobs over chunks of ``chunk_examples``
+    examples, whose memory follows the chunk (shadows x chunk examples), and a job per unlearning method.
+    ``map_chunks(fn, [args, ...]) -> [fn(*args), ...]`` runs them: by default here, one after the other;
+    farm.run.evaluate_ray.ray_map runs them as Ray tasks (then the unlearning jobs run beside the membership
+    jobs, from a second thread of this process).  The report is the same to the bit whatever the map and the
+    chunk size (except its "seconds").
+
     Raises ReportError (a StoreError and a ValueError) when the store is not a run store, the method
     is unknown, or the store has too few models for any statistic.
     """
     t0 = time.perf_counter()
-    settings = ReportSettings(n_boot, max_examples, seed, rmia_a, rmia_gamma, method)
+    settings = ReportSettings(n_boot, max_examples, seed, rmia_a, rmia_gamma, method, chunk_examples)
     run = open_run(uri, method, whole_file=verify)
     _check_enough_models(run)
     sel = select_examples(run.split, run.forget, max_examples, seed)
@@ -292,7 +247,7 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     bar = tqdm(total=3 + len(run.groups), desc="ufarm evaluate", unit="stage", disable=not progress,
                dynamic_ncols=True)
     try:
-        sections = _compute_sections(run, sel, settings, bar)
+        sections = _compute_sections(run, sel, settings, bar, map_chunks or serial_map, map_chunks is not None)
         bar.set_postfix_str("figures and report")
         _write_tables_and_figures(output, sections)
         bar.update(1)

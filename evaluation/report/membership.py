@@ -3,8 +3,14 @@ leave-pair-out references, per-example vulnerability from within-pair comparison
 over target pairs and over examples), the Gaussian check of LiRA's assumption, and the shadows a target
 precision needs.
 
-Takes numpy arrays (evaluation.report.evaluate reads the store) and returns a MembershipResult: the JSON
+Takes numpy arrays (evaluation.report.chunks reads the store) and returns a MembershipResult: the JSON
 section, the ROC curves with their bands for the figure, the per-example table and the notes for the report.
+The work splits by examples (evaluation.report.chunks runs it as jobs): chunk_scores computes everything that
+depends on one example alone for a chunk of them (the LiRA scores of every mode, RMIA's likelihood ratios,
+the vulnerability and its jackknife replicates, the Gaussian check's p-values), given a ChunkSetup that
+carries the spreads variance="global" pools over every example; membership_from_chunks turns the stacked
+chunks into the section, each attack's ROC (attack_figures: RMIA's counts against each target's population,
+then roc_jackknife) a job of its map.  membership_section does it all in memory, as one chunk.
 
 Why leave-pair-out: shadows come in complementary pairs (every train example is IN for exactly one shadow
 of a pair).  Leaving only the target out gives an IN target M/2-1 IN references and M/2 OUT ones and the
@@ -22,13 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from ..lira import (gaussian_check, lira_leave_pair_out, pair_vulnerability, pair_vulnerability_null,
-                    random_partners)
+from ..lira import (gaussian_pvalues, gaussian_summary, lira_group_ssd, lira_leave_pair_out, pair_vulnerability,
+                    pair_vulnerability_null, pooled_spreads, random_partners)
 from ..precision import JACKKNIFE_GROUPS, assign_groups, jackknife_se, models_needed, roc_jackknife, t_interval
-from ..rmia import rmia_leave_pair_out
+from ..rmia import rmia_pair_counts, rmia_pair_ratios
 
 __all__ = ["MembershipResult", "RocCurve", "ShadowSetup", "membership_section", "too_few_shadows", "shadow_partners",
-           "shadow_setup", "lira_mode", "LIRA_MODES", "FPRS", "MIN_SHADOWS", "AUC_HALF_WIDTH", "PER_EXAMPLE_VARIANCE_MIN_REFS"]
+           "shadow_setup", "lira_mode", "attack_figures", "ChunkSetup", "chunk_setup", "ChunkScores", "chunk_scores",
+           "stack_chunks", "membership_from_chunks", "setup_fields", "unscored", "vulnerability_replicates",
+           "serial_map", "Map", "LIRA_MODES", "FPRS", "MIN_SHADOWS", "AUC_HALF_WIDTH", "PER_EXAMPLE_VARIANCE_MIN_REFS"]
 
 LIRA_MODES = ("online", "offline", "global")
 FPRS = (1e-3, 1e-2)
@@ -118,7 +126,8 @@ class _Jackknife:
 
 
 def _precision_fields(fig: dict, dof: int, n_models: int) -> dict:
-    """AUC and TPR intervals from the jackknife, and the shadows AUC +- AUC_HALF_WIDTH would need."""
+    """AUC and TPR intervals from the jackknife, the examples' part of each SE, and the shadows AUC +-
+    AUC_HALF_WIDTH would need (-1: more shadows cannot reach it, the examples' part alone is wider)."""
     out = {"auc": fig["auc"], "tpr_at_fpr": fig["tpr_at_fpr"]}
     if "auc_se" in fig:
         out["auc_se"] = fig["auc_se"]
@@ -126,8 +135,12 @@ def _precision_fields(fig: dict, dof: int, n_models: int) -> dict:
         out["tpr_at_fpr_se"] = fig["tpr_at_fpr_se"]
         out["tpr_at_fpr_ci"] = {a: t_interval(v, fig["tpr_at_fpr_se"][a], dof, lo=0.0, hi=1.0)
                                 for a, v in fig["tpr_at_fpr"].items()}
-        out["shadows_for_auc_half_width"] = {"half_width": AUC_HALF_WIDTH,
-                                             "shadows": models_needed(n_models, fig["auc_se"], AUC_HALF_WIDTH)}
+        # the examples' part of the jackknife (the second grouping of _Jackknife.cells): more shadows sharpen
+        # each example's score but do not change which examples there are, so it is a floor for them
+        out["auc_se_examples"] = fig["auc_se_parts"][1]
+        out["tpr_at_fpr_se_examples"] = {a: parts[1] for a, parts in fig["tpr_at_fpr_se_parts"].items()}
+        need = models_needed(n_models, fig["auc_se"], AUC_HALF_WIDTH, floor=out["auc_se_examples"])
+        out["shadows_for_auc_half_width"] = {"half_width": AUC_HALF_WIDTH, "shadows": need}
     return out
 
 
@@ -139,46 +152,43 @@ def _curve(fig: dict, dof: int) -> RocCurve:
                     np.clip(fig["grid_tpr"] + half, 0, 1))
 
 
+def attack_figures(scores, member, jk: _Jackknife, rmia: tuple | None = None) -> tuple[dict, int]:
+    """One attack's pooled ROC figures with their jackknife standard errors (roc_jackknife over the scored
+    cells) -> (figures, number of cells).  scores[M, T], member bool[M, T]; with ``rmia`` = (pop_ratio,
+    partner, gamma), ``scores`` are RMIA's ratios over every train example (rmia_pair_ratios), counted
+    against each target's population first (rmia_pair_counts).  A job of evaluate_store's map."""
+    if rmia is not None:
+        scores = rmia_pair_counts(scores, rmia[0], member, rmia[1], rmia[2])
+    ok = np.isfinite(scores)
+    fig = roc_jackknife(scores[ok], member[ok], [(c[ok], k) for c, k in jk.cells(member.shape)], FPRS, ROC_GRID)
+    return fig, int(ok.sum())
+
+
 def lira_mode(conf_tr, member, setup: "ShadowSetup", mode: str) -> tuple[dict, RocCurve, np.ndarray]:
     """One LiRA mode's figures with their precision, as the report gives them -> (fields, curve, scores[M, T])."""
     jk = setup.jk
     scores = lira_leave_pair_out(conf_tr, member, setup.refs.partner, mode=mode, variance=setup.variance)
-    ok = np.isfinite(scores)
-    fig = roc_jackknife(scores[ok], member[ok], [(c[ok], k) for c, k in jk.cells(member.shape)], FPRS, ROC_GRID)
-    return ({**_precision_fields(fig, jk.dof, member.shape[0]), "n_cells": int(ok.sum())}, _curve(fig, jk.dof),
-            scores)
+    fig, n_cells = attack_figures(scores, member, jk)
+    return {**_precision_fields(fig, jk.dof, member.shape[0]), "n_cells": n_cells}, _curve(fig, jk.dof), scores
 
 
-def _lira_modes(conf_tr, member, setup: "ShadowSetup", status) -> tuple[dict, dict, np.ndarray]:
-    """Every LiRA mode's figures -> (section per mode, curves, the online scores)."""
-    modes, curves = {}, {}
-    for mode in LIRA_MODES:
-        status(f"LiRA {mode} leave-pair-out")
-        modes[mode], curves[f"LiRA {mode}"], scores = lira_mode(conf_tr, member, setup, mode)
-        if mode == "online":
-            online = scores
-    return modes, curves, online
-
-
-def _rmia(conf_tr, member, refs: _References, pop, jk: _Jackknife, rmia_a, rmia_gamma) -> tuple[dict, RocCurve | None]:
-    """RMIA's figures -> (section, curve), or a message and no curve when the shadows are not in pairs."""
-    if refs.partner.ndim != 1:
-        return {"message": "RMIA with leave-pair-out references needs shadows in complementary pairs"}, None
+def _rmia_fields(fig: dict, member, pop_size: int | None, jk: _Jackknife, rmia_a, rmia_gamma) -> dict:
+    """RMIA's section from its figures (pop_size: the test examples in its population, None without them)."""
     m, n_train = member.shape
-    rs = rmia_leave_pair_out(conf_tr, member, refs.partner, pop, a=rmia_a, gamma=rmia_gamma)
-    fig = roc_jackknife(rs.ravel(), member.ravel(), [(c.ravel(), k) for c, k in jk.cells(member.shape)], FPRS,
-                        ROC_GRID)
     fewest = int(n_train - member.sum(1).max())
     population = (f"per target, the train examples it was not trained on (at least {fewest})"
-                  + (f" and {pop.shape[1]} test examples" if pop is not None else ""))
-    return ({**_precision_fields(fig, jk.dof, m), "a": rmia_a, "gamma": rmia_gamma, "population": population},
-            _curve(fig, jk.dof))
+                  + (f" and {pop_size} test examples" if pop_size is not None else ""))
+    return {**_precision_fields(fig, jk.dof, m), "a": rmia_a, "gamma": rmia_gamma, "population": population}
 
 
-def _vulnerability_se(scores, member, partner, groups, n_groups) -> float:
-    """Jackknife SE of the mean vulnerability over target pairs: each replicate drops one group of pairs."""
+RMIA_UNPAIRED = {"message": "RMIA with leave-pair-out references needs shadows in complementary pairs"}
+
+
+def vulnerability_replicates(scores, member, partner, groups, n_groups) -> np.ndarray:
+    """Per-example vulnerability without each group of target pairs -> float64[G, T] (no rows when G < 2): the
+    jackknife replicates of the mean vulnerability, per example, so chunks of examples can be stacked."""
     if n_groups < 2:
-        return float("nan")
+        return np.empty((0, member.shape[1]))
     reps = []
     for g in range(n_groups):
         drop = groups == g
@@ -186,25 +196,23 @@ def _vulnerability_se(scores, member, partner, groups, n_groups) -> float:
         if partner.ndim == 2:  # a matched pair is dropped when either member is in the group
             p = np.where(np.take_along_axis(np.broadcast_to(drop[:, None], p.shape), np.maximum(partner, 0), 0)
                          & (partner >= 0), -1, p)
-        v = pair_vulnerability(scores, member, p)
-        reps.append(float(np.nanmean(v)))
-    return jackknife_se(reps)
+        reps.append(pair_vulnerability(scores, member, p))
+    return np.array(reps)
 
 
-def _vulnerability(online, member, refs: _References, jk: _Jackknife, forget_train,
-                   example_ids_train) -> tuple[dict, np.ndarray]:
-    """Per-example vulnerability from within-pair comparisons of the online scores -> (section, values)."""
-    vul = pair_vulnerability(online, member, refs.partner)
+def _vulnerability(vul, reps, refs: _References, jk: _Jackknife, forget_train, example_ids_train) -> dict:
+    """The per-example vulnerability section from the values of every train example and their replicates."""
     fin = vul[np.isfinite(vul)]
     chance = pair_vulnerability_null(refs.n_pairs, VULNERABLE) if refs.n_pairs else float("nan")
     ex_se = jackknife_se([np.nanmean(vul[jk.ex_groups != g]) for g in range(jk.n_ex_groups)])
-    section = {
+    pair_se = jackknife_se([float(np.nanmean(v)) for v in reps]) if jk.n_groups >= 2 else float("nan")
+    return {
         "score": "LiRA online",
         "definition": ("per train example: the fraction of shadow pairs whose IN member scores above its OUT "
                        "member (ties 1/2), both scored leave-pair-out; chance 0.5"),
         "n_pairs": refs.n_pairs,
         "mean": float(fin.mean()) if fin.size else float("nan"),
-        "mean_se": float(np.hypot(_vulnerability_se(online, member, refs.partner, jk.groups, jk.n_groups), ex_se)),
+        "mean_se": float(np.hypot(pair_se, ex_se)),
         "chance_mean": 0.5,
         f"fraction_ge_{VULNERABLE}": float((fin >= VULNERABLE).mean()) if fin.size else float("nan"),
         f"chance_fraction_ge_{VULNERABLE}": chance,
@@ -213,7 +221,6 @@ def _vulnerability(online, member, refs: _References, jk: _Jackknife, forget_tra
         "most_vulnerable": [{"example_id": int(example_ids_train[i]), "vulnerability": float(vul[i])}
                             for i in np.argsort(-np.nan_to_num(vul, nan=-1.0), kind="stable")[:10]],
     }
-    return section, vul
 
 
 def _notes(section: dict) -> list[str]:
@@ -252,37 +259,156 @@ def shadow_setup(ids: list[str], member: np.ndarray, seed: int = 0) -> ShadowSet
     return ShadowSetup(refs, per_side, variance, jk)
 
 
-def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, pop: np.ndarray | None,
-                       forget_train: np.ndarray, example_ids_train: np.ndarray, *, seed: int = 0,
-                       rmia_a: float = 0.3, rmia_gamma: float = 1.0,
-                       status: Callable[[str], None] = lambda s: None) -> MembershipResult:
-    """conf_tr[M, T, Q] and member bool[M, T] of the usable shadows on the train split, pop[M, Z, Q] on the
-    test split (RMIA's extra population) -> MembershipResult."""
-    m = member.shape[0]
-    sec: dict = {"n_usable_shadows": m, "n_queries": int(conf_tr.shape[2])}
-    setup = shadow_setup(ids, member, seed)
-    sec["references"] = setup.refs.description
+# ------------------------------------------------------------------------------------ by chunks of examples
+@dataclass(frozen=True)
+class ChunkSetup:
+    """What scoring a chunk of train examples needs of a ShadowSetup (small: no per-example array of all
+    the examples), with the spreads variance="global" pools over every example."""
+    partner: np.ndarray  # int[M], or int[M, C]: the chunk's columns of a per-example matching
+    variance: str
+    pooled: dict | None  # {"in", "out"} when variance is global
+    groups: np.ndarray  # int[M]: the target-pair jackknife groups
+    n_groups: int
+    rmia_a: float
+    workers: int | None = None  # LiRA's threads (None: its default)
+
+    @property
+    def rmia(self) -> bool:
+        return self.partner.ndim == 1
+
+
+def chunk_setup(setup: ShadowSetup, cols: slice, pooled: dict | None, rmia_a: float,
+                workers: int | None = None) -> ChunkSetup:
+    """The ChunkSetup of the train examples ``cols`` (a range of the train examples' positions)."""
+    partner = setup.refs.partner
+    return ChunkSetup(partner if partner.ndim == 1 else np.ascontiguousarray(partner[:, cols]), setup.variance,
+                      pooled, setup.jk.groups, setup.jk.n_groups, rmia_a, workers)
+
+
+@dataclass
+class ChunkScores:
+    """Per-example results of one chunk of train examples (and of test examples, RMIA's population)."""
+    scores: dict[str, np.ndarray]  # LiRA mode -> float64[M, C]
+    rmia_ratio: np.ndarray | None  # float64[M, C] (None when the shadows are not in pairs)
+    rmia_pop: np.ndarray | None  # float64[M, Z]: the chunk's test examples (None without them)
+    vulnerability: np.ndarray  # float64[C]
+    vulnerability_reps: np.ndarray  # float64[G, C]
+    p_in: np.ndarray  # float64[C]: the Gaussian check's p-values
+    p_out: np.ndarray
+
+
+def chunk_scores(conf_tr, member, pop, cs: ChunkSetup) -> ChunkScores:
+    """Everything per example of a chunk: conf_tr[M, C, Q] and member bool[M, C] of its train examples, pop[M, Z,
+    Q] of its test examples (or None).  Each value depends on its example alone (and on the pooled spreads), so
+    the chunks of a split stacked equal the whole split scored at once, bit for bit."""
+    scores = {mode: lira_leave_pair_out(conf_tr, member, cs.partner, mode=mode, variance=cs.variance,
+                                        workers=cs.workers, pooled=cs.pooled) for mode in LIRA_MODES}
+    ratio = pop_ratio = None
+    if cs.rmia:
+        ratio, pop_ratio = rmia_pair_ratios(conf_tr, member, cs.partner, pop, a=cs.rmia_a)
+    vul = pair_vulnerability(scores["online"], member, cs.partner)
+    reps = vulnerability_replicates(scores["online"], member, cs.partner, cs.groups, cs.n_groups)
+    p_in, p_out = gaussian_pvalues(conf_tr, member)
+    return ChunkScores(scores, ratio, pop_ratio, vul, reps, p_in, p_out)
+
+
+def stack_chunks(parts: list[ChunkScores]) -> ChunkScores:
+    """The chunks of a split, in order, as one (each part's arrays are released as they are stacked)."""
+    def take(get):
+        out = [get(p) for p in parts]
+        return None if out[0] is None else np.concatenate(out, axis=-1)
+
+    scores = {}
+    for mode in LIRA_MODES:
+        scores[mode] = np.concatenate([p.scores.pop(mode) for p in parts], axis=1)
+    ratio, pop = take(lambda p: p.rmia_ratio), None
+    pops = [p.rmia_pop for p in parts if p.rmia_pop is not None]
+    if pops:
+        pop = np.concatenate(pops, axis=1)
+    return ChunkScores(scores, ratio, pop, take(lambda p: p.vulnerability), take(lambda p: p.vulnerability_reps),
+                       take(lambda p: p.p_in), take(lambda p: p.p_out))
+
+
+Map = Callable[[Callable, list[tuple]], list]
+
+
+def serial_map(fn: Callable, args: list[tuple]) -> list:
+    """The in-process map: fn(*a) for every argument tuple, in order."""
+    return [fn(*a) for a in args]
+
+
+def setup_fields(m: int, n_queries: int, setup: ShadowSetup) -> dict:
+    """The section's first fields: the shadows, the references and, when LiRA can run, the variance rule and
+    the precision's method (else the message why not)."""
+    sec: dict = {"n_usable_shadows": m, "n_queries": int(n_queries), "references": setup.refs.description}
     if setup.message is not None:
         sec["message"] = setup.message
-        return MembershipResult(sec, notes=_notes(sec))
-    refs, jk = setup.refs, setup.jk
-    n_in = member.sum(0)
-    n_out = m - n_in
+        return sec
+    jk = setup.jk
     sec["variance"] = setup.variance
     sec["variance_rule"] = (f"per_example when every train example keeps >= {PER_EXAMPLE_VARIANCE_MIN_REFS} IN and "
                             f"OUT references (64 shadows in pairs), else global (here {setup.per_side})")
     sec["precision"] = (f"95% intervals: two-way delete-a-group jackknife over {jk.n_groups} groups of target pairs "
                         f"and {jk.n_ex_groups} groups of examples (variances added; t with {jk.dof} degrees of "
                         "freedom)")
-    sec["modes"], curves, online = _lira_modes(conf_tr, member, setup, status)
-    status("RMIA leave-pair-out")
-    sec["rmia"], rmia_curve = _rmia(conf_tr, member, refs, pop, jk, rmia_a, rmia_gamma)
-    if rmia_curve is not None:
-        curves["RMIA"] = rmia_curve
+    return sec
+
+
+def unscored(m: int, n_queries: int, setup: ShadowSetup) -> MembershipResult:
+    """The section of shadows whose setup has a message (LiRA cannot run)."""
+    sec = setup_fields(m, n_queries, setup)
+    return MembershipResult(sec, notes=_notes(sec))
+
+
+def membership_from_chunks(ids: list[str], member: np.ndarray, n_queries: int, setup: ShadowSetup, s: ChunkScores,
+                           pop_size: int | None, forget_train: np.ndarray, example_ids_train: np.ndarray, *,
+                           rmia_a: float = 0.3, rmia_gamma: float = 1.0, map_jobs: Map = serial_map,
+                           status: Callable[[str], None] = lambda s: None) -> MembershipResult:
+    """The membership section from the per-example results of every train example (stack_chunks) of the usable
+    shadows ``ids`` with train membership member[M, T] and their ShadowSetup (without a message); pop_size: the
+    test examples in RMIA's population (None: none).  Each attack's figures are a job of ``map_jobs``."""
+    m = member.shape[0]
+    refs, jk = setup.refs, setup.jk
+    sec = setup_fields(m, n_queries, setup)
+    status("LiRA and RMIA figures")
+    jobs = [(s.scores.pop(mode), member, jk, None) for mode in LIRA_MODES]
+    if s.rmia_ratio is not None:
+        jobs.append((s.rmia_ratio, member, jk, (s.rmia_pop, refs.partner, rmia_gamma)))
+    s.rmia_ratio = s.rmia_pop = None
+    figs = map_jobs(attack_figures, jobs)
+    del jobs
+    sec["modes"], curves = {}, {}
+    for mode, (fig, n_cells) in zip(LIRA_MODES, figs):
+        sec["modes"][mode] = {**_precision_fields(fig, jk.dof, m), "n_cells": n_cells}
+        curves[f"LiRA {mode}"] = _curve(fig, jk.dof)
+    if len(figs) > len(LIRA_MODES):
+        sec["rmia"] = _rmia_fields(figs[-1][0], member, pop_size, jk, rmia_a, rmia_gamma)
+        curves["RMIA"] = _curve(figs[-1][0], jk.dof)
+    else:
+        sec["rmia"] = dict(RMIA_UNPAIRED)
     status("per-example vulnerability")
-    sec["vulnerability"], vul = _vulnerability(online, member, refs, jk, forget_train, example_ids_train)
-    status("Gaussian check")
-    sec["gaussian_check"] = gaussian_check(conf_tr, member)
+    sec["vulnerability"] = _vulnerability(s.vulnerability, s.vulnerability_reps, refs, jk, forget_train,
+                                          example_ids_train)
+    sec["gaussian_check"] = gaussian_summary(s.p_in, s.p_out)
+    n_in = member.sum(0)
     per_example = {"example_id": example_ids_train.astype(np.int32), "forget": forget_train,
-                   "vulnerability": vul, "n_in": n_in.astype(np.int32), "n_out": n_out.astype(np.int32)}
+                   "vulnerability": s.vulnerability, "n_in": n_in.astype(np.int32),
+                   "n_out": (m - n_in).astype(np.int32)}
     return MembershipResult(sec, curves, per_example, _notes(sec))
+
+
+def membership_section(ids: list[str], conf_tr: np.ndarray, member: np.ndarray, pop: np.ndarray | None,
+                       forget_train: np.ndarray, example_ids_train: np.ndarray, *, seed: int = 0,
+                       rmia_a: float = 0.3, rmia_gamma: float = 1.0,
+                       status: Callable[[str], None] = lambda s: None) -> MembershipResult:
+    """conf_tr[M, T, Q] and member bool[M, T] of the usable shadows on the train split, pop[M, Z, Q] on the
+    test split (RMIA's extra population) -> MembershipResult.  In memory, as one chunk of evaluate_store's."""
+    m, n_q = member.shape[0], int(conf_tr.shape[2])
+    setup = shadow_setup(ids, member, seed)
+    if setup.message is not None:
+        return unscored(m, n_q, setup)
+    pooled = pooled_spreads(*lira_group_ssd(conf_tr, member)) if setup.variance == "global" else None
+    status("LiRA, RMIA and the Gaussian check")
+    s = chunk_scores(conf_tr, member, pop, chunk_setup(setup, slice(None), pooled, rmia_a))
+    return membership_from_chunks(ids, member, n_q, setup, s, None if pop is None else pop.shape[1], forget_train,
+                                  example_ids_train, rmia_a=rmia_a, rmia_gamma=rmia_gamma, status=status)

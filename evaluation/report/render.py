@@ -178,6 +178,13 @@ def json_safe(obj):
 
 
 # ------------------------------------------------------------------------------------ markdown
+def _shadows(need) -> str:
+    """The shadows column: a count, 'out of reach' (the examples' part of the SE alone is wider), or n/a."""
+    if need == -1:
+        return "out of reach: more examples needed"
+    return str(need) if need else "n/a"
+
+
 def _fmt(x, nd=3) -> str:
     if x is None:
         return "n/a"
@@ -267,7 +274,7 @@ def _membership_md(rep: dict) -> list[str]:
         need = v.get("shadows_for_auc_half_width", {}).get("shadows")
         L.append(f"| {name} | {_ci(v['auc'], *v.get('auc_ci', (None, None)))} | "
                  f"{_ci(_get(t, 0.001), *(_get(tci, 0.001) or (None, None)), nd=4)} | "
-                 f"{_ci(_get(t, 0.01), *(_get(tci, 0.01) or (None, None)), nd=4)} | {need if need else 'n/a'} |")
+                 f"{_ci(_get(t, 0.01), *(_get(tci, 0.01) or (None, None)), nd=4)} | {_shadows(need)} |")
     if "rmia" in lira and "population" in rmia:
         L.append(f"\nRMIA's population: {rmia['population']}.")
     if "vulnerability" in lira:

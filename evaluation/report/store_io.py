@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,8 @@ import pyarrow.parquet as pq
 from farm.store import RunStore, StoreError
 
 __all__ = ["ReportError", "UnlearnedGroup", "RunContents", "Conf", "open_run", "unlearned_groups", "read_conf",
-           "ReportWriter", "parquet_bytes"]
+           "ReportWriter", "parquet_bytes", "nonfinite_entries", "merge_nonfinite", "ModelSet", "model_set", "Rows",
+           "read_rows", "read_selected", "read_membership"]
 
 UNLEARNED_ID = re.compile(r"^unlearned-(?P<method>.+)-(?P<hash>[^-]+)-(?P<index>\d+)$")
 
@@ -105,26 +107,124 @@ class Conf:
     nonfinite: list[dict]  # per model left out: model_id, role, n_nan, n_inf, n_examples, first_example_ids
 
 
-def read_conf(run: RunContents, model_ids: list[str]) -> Conf:
-    """RunStore.read_conf of ``model_ids``; models with NaN or infinite conf are listed and left out."""
-    sc = run.store.read_conf(model_ids=model_ids, whole_file=run.whole_file)
-    keep, nonfinite = [], []
-    for k, mid in enumerate(sc.model_ids):
-        c = sc.conf[k]
+def nonfinite_entries(conf: np.ndarray, model_ids: list[str], roles, example_ids: np.ndarray) -> list[dict]:
+    """The models among conf[M, E, Q] that hold NaN or infinite values: model_id, role, n_nan, n_inf, n_examples
+    and the first 5 example ids (``example_ids``: those of the E examples), in model order."""
+    out = []
+    for k, mid in enumerate(model_ids):
+        c = conf[k]
         bad = ~np.isfinite(c)
         if bad.any():
             rows = np.flatnonzero(bad.any(axis=1))
-            nonfinite.append({"model_id": mid, "role": str(sc.roles[k]), "n_nan": int(np.isnan(c).sum()),
-                              "n_inf": int(np.isinf(c).sum()), "n_examples": int(rows.size),
-                              "first_example_ids": [int(run.example_ids[i]) for i in rows[:5]]})
-        else:
-            keep.append(k)
+            out.append({"model_id": mid, "role": str(roles[k]), "n_nan": int(np.isnan(c).sum()),
+                        "n_inf": int(np.isinf(c).sum()), "n_examples": int(rows.size),
+                        "first_example_ids": [int(example_ids[i]) for i in rows[:5]]})
+    return out
+
+
+def merge_nonfinite(parts: list[list[dict]]) -> list[dict]:
+    """nonfinite_entries of consecutive ranges of examples (in order) -> the entries of all of them, in the
+    order the models first appear."""
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for e in part:
+            m = merged.setdefault(e["model_id"], {**e, "n_nan": 0, "n_inf": 0, "n_examples": 0,
+                                                  "first_example_ids": []})
+            m["n_nan"] += e["n_nan"]
+            m["n_inf"] += e["n_inf"]
+            m["n_examples"] += e["n_examples"]
+            m["first_example_ids"] = (m["first_example_ids"] + e["first_example_ids"])[:5]
+    return list(merged.values())
+
+
+def read_conf(run: RunContents, model_ids: list[str]) -> Conf:
+    """RunStore.read_conf of ``model_ids``; models with NaN or infinite conf are listed and left out."""
+    sc = run.store.read_conf(model_ids=model_ids, whole_file=run.whole_file)
+    nonfinite = nonfinite_entries(sc.conf, sc.model_ids, sc.roles, run.example_ids)
+    bad = {b["model_id"] for b in nonfinite}
+    keep = [k for k, mid in enumerate(sc.model_ids) if mid not in bad]
     ids = [sc.model_ids[k] for k in keep]
     markers = [sc.markers[k] for k in keep]
     if len(keep) == len(sc.model_ids):
         return Conf(ids, markers, sc.conf, sc.trained_on, nonfinite)
     keep = np.asarray(keep, dtype=np.int64)
     return Conf(ids, markers, sc.conf[keep], sc.trained_on[keep], nonfinite)
+
+
+# ------------------------------------------------------------------------------------ reads by chunks of examples
+@dataclass(frozen=True)
+class ModelSet:
+    """Some models of a run, as a worker opens them: the store's URI, their ids and their markers (from the
+    driver's catalog, so a worker reads no marker again) and whether whole files are read against their sha256."""
+    uri: str
+    model_ids: list[str]
+    markers: dict[str, dict]
+    whole_file: bool = False
+
+
+def model_set(run: RunContents, model_ids: list[str]) -> ModelSet:
+    return ModelSet(run.store.uri, list(model_ids), {m: run.markers[m] for m in model_ids}, run.whole_file)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The conf and membership of a ModelSet's models on a range of examples, with the models that hold NaN or
+    infinite values there (nonfinite_entries of the range; merge_nonfinite joins ranges)."""
+    conf: np.ndarray  # float32[M, C, Q]
+    trained_on: np.ndarray | None  # bool[M, C] (None when not read)
+    nonfinite: list[dict]
+
+
+def read_rows(models: ModelSet, start: int, stop: int, trained_on: bool = True) -> Rows:
+    """Examples [start, stop) of every model of ``models``: only the row groups that hold them, and only the
+    columns used, conf and (``trained_on``) trained_on, each page against its CRC-32, or whole files
+    against their sha256 (``whole_file``)."""
+    sc = RunStore(models.uri).read_conf(model_ids=models.model_ids, whole_file=models.whole_file,
+                                        examples=(start, stop), markers=models.markers,
+                                        flags=("trained_on",) if trained_on else ())
+    return Rows(sc.conf, sc.trained_on, nonfinite_entries(sc.conf, sc.model_ids, sc.roles, sc.example_ids))
+
+
+def read_selected(models: ModelSet, n_examples: int, chunk: int, selections: dict[str, np.ndarray]
+                  ) -> tuple[Conf, dict[str, np.ndarray]]:
+    """Every row of ``models``, ``chunk`` examples at a time (so memory follows the chunk): the models with NaN
+    or infinite conf anywhere are listed and left out, and the others' conf is kept on the sorted example
+    indices of each selection -> (Conf without conf and trained_on arrays, selection name -> float32[M, n, Q])."""
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in selections}
+    parts = []
+    for start in range(0, n_examples, chunk):
+        stop = min(start + chunk, n_examples)
+        rows = read_rows(models, start, stop, trained_on=False)
+        parts.append(rows.nonfinite)
+        for name, idx in selections.items():
+            lo, hi = np.searchsorted(idx, [start, stop])
+            kept[name].append(rows.conf[:, idx[lo:hi] - start])
+    nonfinite = merge_nonfinite(parts)
+    bad = {b["model_id"] for b in nonfinite}
+    keep = np.array([k for k, mid in enumerate(models.model_ids) if mid not in bad], dtype=np.int64)
+    ids = [models.model_ids[k] for k in keep]
+    empty = np.zeros((len(models.model_ids), 0, 0), np.float32)
+    out = {name: (np.concatenate(v, axis=1) if v else empty)[keep] for name, v in kept.items()}
+    return Conf(ids, [models.markers[m] for m in ids], empty[keep], np.zeros((keep.size, 0), bool), nonfinite), out
+
+
+def read_membership(run: RunContents, model_ids: list[str]) -> np.ndarray:
+    """bool[M, E]: the trained_on column of each model (only that column is read)."""
+    n_e = int(run.manifest["n_examples"])
+    n_q = len(run.manifest["spec"]["queries"])
+    out = np.empty((len(model_ids), n_e), bool)
+
+    def load(k_mid):
+        k, mid = k_mid
+        t = run.store.read_logits(mid, run.markers[mid], columns=["trained_on"], whole_file=run.whole_file)
+        col = t.column("trained_on").to_numpy(zero_copy_only=False)
+        if col.size != n_e * n_q:
+            raise StoreError(f"model {mid}: logits file has {col.size} rows, the run has {n_e} x {n_q}")
+        out[k] = col[::n_q]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # on S3 each read is a few requests
+        list(pool.map(load, enumerate(model_ids)))
+    return out
 
 
 class ReportWriter:

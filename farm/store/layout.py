@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from evaluation.scores import logit_scaled_confidence
@@ -21,6 +22,9 @@ MODEL_ID = re.compile(r"(?:original|retrain|shadow)-[0-9]{5,9}"
                       r"|unlearned-[A-Za-z0-9_][A-Za-z0-9_.]{0,127}-[0-9a-f]{8}-[0-9]{5,9}", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 TOKEN = re.compile(r"[0-9a-f]{16}", re.ASCII)  # a writer's token: in its lease and its temporaries' names
+# Logits files are written in row groups of this many examples (x Q queries rows), so a reader of a range of
+# examples (a chunk of `ufarm evaluate`) fetches and decodes only the row groups that overlap it.
+ROW_GROUP_EXAMPLES = 8192
 
 
 class StoreError(RuntimeError):
@@ -57,8 +61,8 @@ class StoreConf:
     model_ids: list[str]
     roles: np.ndarray  # str [M]
     conf: np.ndarray  # float32 [M, E, Q]
-    trained_on: np.ndarray  # bool [M, E]
-    forgotten: np.ndarray  # bool [M, E]
+    trained_on: np.ndarray | None  # bool [M, E] (None when not read: RunStore.read_conf's flags)
+    forgotten: np.ndarray | None  # bool [M, E] (likewise)
     example_ids: np.ndarray  # int32 [E]
     markers: list[dict] = field(repr=False)
 
@@ -149,12 +153,20 @@ def logits_table(labels: np.ndarray, logits: np.ndarray, trained_on: np.ndarray,
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
-def parquet_bytes(table: pa.Table) -> pa.Buffer:
+def queries_of(table: pa.Table) -> int:
+    """Q of a logits table (rows are example-major, query 0..Q-1 for every example)."""
+    return int(pc.max(table.column("query")).as_py()) + 1 if table.num_rows else 1
+
+
+def parquet_bytes(table: pa.Table, row_group_examples: int = ROW_GROUP_EXAMPLES) -> pa.Buffer:
     """A logits table as Parquet bytes, with encodings chosen by measurement (docs/store.md): example ids,
     sorted, delta-packed; the alternating query column Snappy-compressed; everything else plain, with no
     dictionaries and no compression (random floats do not compress; a dictionary for pred saves 0.5 MB a
     file at 70,000 x 2 rows but costs more time in encoding than it saves in hashing and writing). Every
-    page carries a CRC-32, so a reader that fetches only some columns still checks what it read."""
+    page carries a CRC-32, so a reader that fetches only some columns still checks what it read. Row groups
+    hold ``row_group_examples`` examples (x Q rows) each, so a range of examples is read without the rest."""
+    if row_group_examples < 1:
+        raise ValueError(f"row_group_examples must be >= 1, got {row_group_examples}")
     present = set(table.column_names)
     encoding = {c: "PLAIN" for c in ("query", "conf", "pred", "trained_on", "forgotten") if c in present}
     encoding["example_id"] = "DELTA_BINARY_PACKED"
@@ -162,8 +174,22 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     compression["query"] = "snappy"
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=compression, use_dictionary=False, column_encoding=encoding,
-                   write_statistics=False, write_page_checksum=True)
+                   write_statistics=False, write_page_checksum=True,
+                   row_group_size=row_group_examples * queries_of(table))
     return sink.getvalue()
+
+
+def row_groups_covering(group_rows: list[int], start: int, stop: int) -> tuple[list[int], int]:
+    """The row groups (given their row counts, in file order) that hold any row of [start, stop), and the
+    file row the first of them starts at."""
+    groups, first, offset = [], start, 0
+    for i, n in enumerate(group_rows):
+        if start < stop and offset < stop and offset + n > start:
+            if not groups:
+                first = offset
+            groups.append(i)
+        offset += n
+    return groups, first
 
 
 def examples_table(split: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, forget: np.ndarray) -> pa.Table:

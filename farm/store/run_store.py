@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from .filesystem import StoreFiles, retry_transient
 from .layout import (FORMAT_VERSION, StoreConf, StoreError, check_compatible, check_model_id, first_line, is_count,
-                     is_model_id, marker_problem, parquet_bytes, printable_name, short)
+                     is_model_id, marker_problem, parquet_bytes, printable_name, row_groups_covering, short)
 from .lease import StoreLease
 
 log = logging.getLogger("ufarm")
@@ -316,19 +316,27 @@ class RunStore(StoreFiles):
         return data
 
     def read_logits(self, model_id: str, marker: dict, columns: list[str] | None = None,
-                    verify: bool = True, whole_file: bool = False) -> pa.Table:
+                    verify: bool = True, whole_file: bool = False, rows: tuple[int, int] | None = None) -> pa.Table:
         """logits/<model_id>.parquet (the key derived from the id, never a path from the marker), checked.
 
         Some columns of a file written with page checksums (marker `page_checksums`) are read alone: on S3
         ranged reads of the footer and those columns' pages, each page checked against its CRC-32, and the
         file's size against the marker. Otherwise (or with whole_file=True) the whole file is read and
-        checked against the marker's sha256, as `ufarm run --verify` does."""
+        checked against the marker's sha256, as `ufarm run --verify` does. ``rows=(start, stop)`` returns
+        only those file rows (example e, query q is row e * Q + q), decoding only the row groups that hold
+        them (rows past the file's end are not returned); on the page-checksum path only those row groups'
+        pages are fetched, each checked against its CRC-32."""
+        return self._read_table(model_id, marker, columns, verify, whole_file, rows)[0]
+
+    def _read_table(self, model_id: str, marker: dict, columns: list[str] | None, verify: bool, whole_file: bool,
+                    rows: tuple[int, int] | None) -> tuple[pa.Table, int]:
+        """read_logits -> (table, the file's row count)."""
         rel = f"logits/{check_model_id(model_id)}.parquet"
         problem = marker_problem(model_id, marker)
         if problem:
             raise StoreError(f"model {model_id}: its marker {problem}")
         if verify and columns is not None and not whole_file and marker.get("page_checksums") is True:
-            return self._read_columns(model_id, rel, marker, columns)
+            return self._read_columns(model_id, rel, marker, columns, rows)
         data = self.read_bytes(rel)
         if verify:
             digest = hashlib.sha256(data).hexdigest()
@@ -337,17 +345,20 @@ class RunStore(StoreFiles):
                                  f"(marker {marker['sha256'][:12]}, file {digest[:12]}); `ufarm run` retrains it")
         # one thread per file: callers read many files from a thread pool, which parallelises better
         try:
-            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
         except pa.ArrowException as exc:
             raise StoreError(f"model {model_id}: logits file {rel} is not readable ({first_line(exc)})") from None
 
-    def _read_columns(self, model_id: str, rel: str, marker: dict, columns: list[str]) -> pa.Table:
+    def _read_columns(self, model_id: str, rel: str, marker: dict, columns: list[str],
+                      rows: tuple[int, int] | None) -> tuple[pa.Table, int]:
         def read():
             with self.fs.open_input_file(self.path(rel)) as fh:
                 if fh.size() != marker["bytes"]:
                     raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
                                      f"{marker['bytes']}; `ufarm run` retrains it")
-                return pq.ParquetFile(fh, page_checksum_verification=True).read(columns=columns, use_threads=False)
+                pf = pq.ParquetFile(fh, page_checksum_verification=True)
+                return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
         try:
             return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
         except FileNotFoundError:
@@ -357,10 +368,16 @@ class RunStore(StoreFiles):
                              f"({first_line(exc)}); `ufarm run --verify` retrains it") from None
 
     def read_conf(self, model_ids: list[str] | None = None, roles: tuple[str, ...] | None = None,
-                  verify: bool = True, whole_file: bool = False) -> StoreConf:
+                  verify: bool = True, whole_file: bool = False, examples: tuple[int, int] | slice | None = None,
+                  markers: dict[str, dict] | None = None,
+                  flags: tuple[str, ...] = ("trained_on", "forgotten")) -> StoreConf:
         """conf[models, examples, queries] (float32) with roles and per-example membership, for the given
-        models (default: every committed model, optionally only some roles), in model-id order."""
-        markers = self.markers()
+        models (default: every committed model, optionally only some roles), in model-id order.
+        ``examples=(start, stop)`` (or a slice) reads only those examples' rows (only the row groups that
+        hold them); ``markers`` (model id -> marker, as markers() returns them) saves reading the markers
+        again, e.g. in a worker that the driver hands them to; ``flags``: the per-example columns read beside
+        conf (one left out is not fetched, and is None in the result)."""
+        markers = self.markers() if markers is None else markers
         if model_ids is None:
             model_ids = sorted(m for m, mk in markers.items() if roles is None or mk["role"] in roles)
         missing = [m for m in model_ids if m not in markers]
@@ -370,29 +387,33 @@ class RunStore(StoreFiles):
         manifest = self.read_manifest()
         n_q = len(manifest["spec"]["queries"])
         n_e = manifest["n_examples"]
+        start, stop = _example_range(examples, n_e)
+        n_rows = stop - start
         m = len(model_ids)
         # filled in place by the readers: no per-model copies to stack at the end
-        conf = np.empty((m, n_e, n_q), np.float32)
-        trained_on = np.empty((m, n_e), bool)
-        forgotten = np.empty((m, n_e), bool)
+        unknown = set(flags) - {"trained_on", "forgotten"}
+        if unknown:
+            raise StoreError(f"flags must be among trained_on and forgotten, got {sorted(unknown)}")
+        conf = np.empty((m, n_rows, n_q), np.float32)
+        read = {f: np.empty((m, n_rows), bool) for f in ("trained_on", "forgotten") if f in flags}
 
         def load(i_mid):
             i, mid = i_mid
-            t = self.read_logits(mid, markers[mid], columns=["conf", "trained_on", "forgotten"], verify=verify,
-                                 whole_file=whole_file)
-            if t.num_rows != n_e * n_q:
-                raise StoreError(f"model {mid}: logits file has {t.num_rows} rows, the run has {n_e} x {n_q}")
-            conf[i] = t.column("conf").to_numpy().reshape(n_e, n_q)
-            trained_on[i] = t.column("trained_on").to_numpy()[::n_q]
-            forgotten[i] = t.column("forgotten").to_numpy()[::n_q]
+            t, file_rows = self._read_table(mid, markers[mid], ["conf", *read], verify, whole_file,
+                                            None if examples is None else (start * n_q, stop * n_q))
+            if file_rows != n_e * n_q or t.num_rows != n_rows * n_q:
+                raise StoreError(f"model {mid}: logits file has {file_rows} rows, the run has {n_e} x {n_q}")
+            conf[i] = t.column("conf").to_numpy().reshape(n_rows, n_q)
+            for name, out in read.items():
+                out[i] = t.column(name).to_numpy()[::n_q]
 
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             list(pool.map(load, enumerate(model_ids)))
         return StoreConf(
             model_ids=list(model_ids),
             roles=np.array([markers[i]["role"] for i in model_ids], dtype=object),
-            conf=conf, trained_on=trained_on, forgotten=forgotten,
-            example_ids=np.arange(n_e, dtype=np.int32),
+            conf=conf, trained_on=read.get("trained_on"), forgotten=read.get("forgotten"),
+            example_ids=np.arange(start, stop, dtype=np.int32),
             markers=[markers[i] for i in model_ids],
         )
 
@@ -425,3 +446,31 @@ class RunStore(StoreFiles):
         return out
 
 
+def _example_range(examples: tuple[int, int] | slice | None, n_e: int) -> tuple[int, int]:
+    """(start, stop) of the examples asked for, within [0, n_e]."""
+    if examples is None:
+        return 0, n_e
+    if isinstance(examples, slice):
+        if examples.step not in (None, 1):
+            raise StoreError(f"examples must be a contiguous range, got a slice with step {examples.step}")
+        start, stop, _ = examples.indices(n_e)
+    else:
+        start, stop = (int(v) for v in examples)
+    if not 0 <= start <= stop <= n_e:
+        raise StoreError(f"examples ({start}, {stop}) is not a range within the run's {n_e} examples")
+    return start, stop
+
+
+def _row_range(pf: pq.ParquetFile, columns: list[str] | None, rows: tuple[int, int] | None, model_id: str,
+               rel: str) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, decoding only the row groups that hold them."""
+    if rows is None:
+        return pf.read(columns=columns, use_threads=False)
+    md = pf.metadata
+    start, stop = min(rows[0], md.num_rows), min(rows[1], md.num_rows)  # rows past the end: none (as a slice)
+    if not 0 <= start <= stop:
+        raise StoreError(f"model {model_id}: rows {rows[0]}:{rows[1]} of logits file {rel} is not a range")
+    groups, first = row_groups_covering([md.row_group(i).num_rows for i in range(md.num_row_groups)], start, stop)
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns) if columns is not None else pf.schema_arrow.empty_table()
+    return pf.read_row_groups(groups, columns=columns, use_threads=False).slice(start - first, stop - start)

@@ -1,0 +1,312 @@
+"""evaluate_store's work as jobs that a map runs: in this process one after the other (serial_map), or on Ray
+workers (farm.run.evaluate_ray), with the same results to the bit.
+
+* Membership: the examples are cut into chunks of ``chunk_examples`` (row groups of the logits files hold
+  8192 examples, so a chunk of that size reads whole row groups).  A job reads its chunk's rows of every
+  shadow (conf and trained_on only, each page against its CRC-32) and computes what is per example:
+  the LiRA scores of every mode, RMIA's likelihood ratios, the vulnerability and its jackknife replicates,
+  the Gaussian check's p-values (membership.chunk_scores).  What pools over examples is reduced by the
+  driver: variance="global" first sends jobs that return each example's sums of squared deviations, which
+  the driver pools (lira.pooled_spreads, the same sums in the same order as a single process), then the
+  scoring jobs; RMIA's count against each target's population and each attack's ROC with its jackknife
+  are jobs over the stacked scores (membership.membership_from_chunks).  A job's memory follows its
+  chunk: shadows x chunk examples.
+* Unlearning: one job per method (the first one also reads the retrained models' NaN / inf, the originals'
+  and computes F_null for the headline), reading its models ``chunk_examples`` at a time and keeping the
+  forget and control examples only; the F_null values the first job computed are handed to the others.
+* NaN or infinite conf: every job lists the models that hold any in its rows; a shadow found there is left
+  out and the membership jobs run again without it (as a single process leaves it out before scoring).
+
+A job's result also carries its process's peak memory (peak_rss_mb), for benchmarks; the report never does.
+"""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..lira import lira_group_ssd, pooled_spreads
+from .membership import (MIN_SHADOWS, ChunkScores, ChunkSetup, Map, MembershipResult, chunk_scores, chunk_setup,
+                         membership_from_chunks, serial_map, shadow_setup, stack_chunks, too_few_shadows, unscored)
+from .store_io import (ModelSet, RunContents, UnlearnedGroup, merge_nonfinite, model_set, read_membership, read_rows,
+                       read_selected)
+from .unlearning import FNullResult, MethodFigure, MethodModels, RetrainedPool, headline_f_null, method_section
+from .utility import accuracy_summary, cost_section
+
+__all__ = ["DEFAULT_CHUNK_EXAMPLES", "FORGET_EMPTY", "ExampleSelection", "select_examples", "chunk_ranges",
+           "MembershipJob", "MembershipPart", "membership_job", "membership_by_chunks", "KnownNullPool", "MethodPart",
+           "UnlearningJob", "UnlearningPart", "unlearning_job", "unlearning_by_jobs", "peak_rss_mb", "steady_heap",
+           "serial_map"]
+
+DEFAULT_CHUNK_EXAMPLES = 8192  # = farm.store's row group: a chunk reads whole row groups
+FORGET_EMPTY = "the store's forget set is empty: no unlearning statistic can be computed"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def steady_heap() -> None:
+    """Let the allocator keep freed blocks of a few MB for reuse, as it does in a process that has run a while.
+
+    glibc's malloc serves blocks above a threshold (128 KiB in a fresh process) by mmap and gives the heap's
+    free top back to the system once it exceeds twice that; freeing an mmapped block raises the threshold to
+    that block's size (up to 32 MiB). Until then, a job that allocates and frees arrays of a few MB in a loop
+    (the epsilon searches, several per forget example; a chunk's per-example arrays) page-faults on every
+    allocation: the unlearning job of a 96-model store took 36.64 s in a fresh process (21.69 s of it system
+    time, 9.2 million page faults) and 10.14 s after this. Freeing one 24 MiB block raises the threshold at
+    once; with another allocator it is one allocation and one free. Changes no value computed."""
+    block = np.empty(24 << 20, np.uint8)  # not touched: mmap and munmap, no page is written
+    del block
+
+
+# ------------------------------------------------------------------------------------ examples
+@dataclass(frozen=True)
+class ExampleSelection:
+    """Indices into the run's examples: the train and test splits (membership inference), and the forget
+    examples and control samples the unlearning statistics use."""
+    train: np.ndarray
+    test: np.ndarray
+    forget: np.ndarray
+    controls: dict[str, np.ndarray]  # "retain_control", "test_control"
+
+
+def _sample(idx: np.ndarray, k: int | None, rng) -> np.ndarray:
+    if k is None or idx.size <= k:
+        return idx
+    return np.sort(rng.choice(idx, k, replace=False))
+
+
+def select_examples(split: np.ndarray, forget: np.ndarray, max_examples: int | None, seed: int) -> ExampleSelection:
+    """At most ``max_examples`` forget examples (a seeded sample), and control samples of as many retain and
+    test examples."""
+    test = np.flatnonzero(split == "test")
+    rng = np.random.default_rng([seed, 0xE7A1])
+    forget_sel = _sample(np.flatnonzero(forget), max_examples, rng)
+    n_ctrl = forget_sel.size if max_examples is None else min(forget_sel.size, max_examples)
+    controls = {"retain_control": _sample(np.flatnonzero((split == "train") & ~forget), n_ctrl, rng),
+                "test_control": _sample(test, n_ctrl, rng)}
+    return ExampleSelection(np.flatnonzero(split == "train"), test, forget_sel, controls)
+
+
+def chunk_ranges(n_examples: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of every chunk of ``chunk`` examples, in order (none for no examples)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return [(s, min(s + chunk, n_examples)) for s in range(0, n_examples, chunk)]
+
+
+# ------------------------------------------------------------------------------------ membership
+@dataclass(frozen=True)
+class MembershipJob:
+    """One chunk of examples [start, stop) of the shadows: ``kind`` "scan" only lists NaN / inf, "sums" returns
+    variance="global"'s per-example sums, "scores" everything per example (with ``setup``)."""
+    shadows: ModelSet
+    start: int
+    stop: int
+    train: np.ndarray  # positions (from start) of the chunk's train examples
+    test: np.ndarray  # positions of its test examples
+    kind: str
+    setup: ChunkSetup | None = None
+
+
+@dataclass
+class MembershipPart:
+    nonfinite: list[dict]  # the shadows with NaN / inf in the chunk (nothing else is computed then)
+    sums: tuple | None = None  # lira_group_ssd of the chunk's train examples
+    scores: ChunkScores | None = None
+    peak_rss_mb: float = 0.0
+
+
+def membership_job(job: MembershipJob) -> MembershipPart:
+    """Read the chunk's rows of every shadow and compute what ``job.kind`` asks for."""
+    steady_heap()
+    rows = read_rows(job.shadows, job.start, job.stop)
+    part = MembershipPart(rows.nonfinite)
+    if not rows.nonfinite and job.kind != "scan":
+        conf_tr = np.ascontiguousarray(rows.conf[:, job.train])
+        member = np.ascontiguousarray(rows.trained_on[:, job.train])
+        if job.kind == "sums":
+            part.sums = lira_group_ssd(conf_tr, member)
+        else:
+            pop = np.ascontiguousarray(rows.conf[:, job.test]) if job.test.size else None
+            part.scores = chunk_scores(conf_tr, member, pop, job.setup)
+    del rows
+    part.peak_rss_mb = peak_rss_mb()
+    return part
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every pass over the chunks shares."""
+    run: RunContents
+    sel: ExampleSelection
+    ranges: list[tuple[int, int]]
+    rmia_a: float
+    workers: int | None
+
+    def jobs(self, ids: list[str], kind: str, setup=None, pooled=None) -> list[tuple]:
+        shadows = model_set(self.run, ids)
+        out = []
+        for start, stop in self.ranges:
+            t0, t1 = np.searchsorted(self.sel.train, [start, stop])
+            z0, z1 = np.searchsorted(self.sel.test, [start, stop])
+            cs = chunk_setup(setup, slice(t0, t1), pooled, self.rmia_a, self.workers) if kind == "scores" else None
+            out.append((MembershipJob(shadows, start, stop, self.sel.train[t0:t1] - start, self.sel.test[z0:z1] - start,
+                                      kind, cs),))
+        return out
+
+
+def membership_by_chunks(run: RunContents, sel: ExampleSelection, *, chunk: int, seed: int, rmia_a: float,
+                         rmia_gamma: float, map_jobs: Map = serial_map, workers: int | None = None,
+                         status=lambda s: None) -> tuple[MembershipResult, list[dict]]:
+    """The membership section by chunks of examples -> (result, shadows left out for NaN / inf)."""
+    shadows = run.by_role.get("shadow", [])
+    header: dict = {"n_shadows": len(shadows), "n_train_examples": int(sel.train.size)}
+    if len(shadows) < MIN_SHADOWS:
+        return too_few_shadows(header, len(shadows)), []
+    status("reading the shadows' membership")
+    member_all = read_membership(run, shadows)[:, sel.train]
+    plan = _Plan(run, sel, chunk_ranges(len(run.split), chunk), rmia_a, workers)
+    ids, nonfinite, pooled = list(shadows), [], None
+    n_q = len(run.manifest["spec"]["queries"])
+    while True:
+        member = member_all[[shadows.index(i) for i in ids]]
+        setup = shadow_setup(ids, member, seed)
+        kind = "scan" if setup.message else ("sums" if setup.variance == "global" and pooled is None else "scores")
+        status({"scan": "reading shadows", "sums": "LiRA's pooled spreads", "scores": "LiRA, RMIA by chunks"}[kind])
+        parts = map_jobs(membership_job, plan.jobs(ids, kind, setup, pooled))
+        bad = merge_nonfinite([p.nonfinite for p in parts])
+        if bad:  # left out; the others are scored again without them
+            nonfinite, left_out = bad, {b["model_id"] for b in bad}
+            ids, pooled = [i for i in ids if i not in left_out], None
+            continue
+        if kind == "sums":
+            pooled = pooled_spreads(*(np.concatenate(a) for a in zip(*(p.sums for p in parts))))
+            continue
+        break
+    if nonfinite:
+        header["note"] = f"{len(shadows) - len(ids)} shadow(s) left out for NaN or infinite conf (see nonfinite)"
+    if kind == "scan":
+        res = unscored(len(ids), n_q, setup)
+    else:
+        scores = stack_chunks([p.scores for p in parts])
+        del parts
+        res = membership_from_chunks(ids, member, n_q, setup, scores, int(sel.test.size) or None,
+                                     run.forget[sel.train], run.example_ids[sel.train], rmia_a=rmia_a,
+                                     rmia_gamma=rmia_gamma, map_jobs=map_jobs, status=status)
+    return MembershipResult({**header, **res.section}, res.curves, res.per_example, res.notes), nonfinite
+
+
+# ------------------------------------------------------------------------------------ unlearning
+class KnownNullPool(RetrainedPool):
+    """A RetrainedPool that starts from F_null values another job computed (``known``: (n, g) -> the
+    f_null_section dict) and records in ``known`` those it computes itself."""
+
+    def __init__(self, forget0: np.ndarray, n_draws: int, seed: int, known: dict | None = None):
+        super().__init__(forget0, n_draws, seed)
+        self.known = dict(known or {})
+
+    def f_null(self, n: int, g: int) -> dict:
+        if (n, g) not in self.known:
+            self.known[n, g] = super().f_null(n, g)
+        return self.known[n, g]
+
+
+@dataclass(frozen=True)
+class MethodPart:
+    section: dict  # with utility and cost
+    figure: MethodFigure | None  # None when nothing was computed (an empty forget set)
+    notes: list[str]
+    nonfinite: list[dict]
+    markers: list[dict]  # of the usable unlearned models
+
+
+@dataclass(frozen=True)
+class UnlearningJob:
+    """The retrained models, and one method's unlearned models (or none), on the forget and control examples;
+    ``headline``: also F_null for the headline and the originals' NaN / inf."""
+    retrained: ModelSet
+    originals: ModelSet | None
+    group: UnlearnedGroup | None
+    unlearned: ModelSet | None
+    forget: np.ndarray
+    controls: dict[str, np.ndarray]
+    example_ids_forget: np.ndarray
+    n_examples: int
+    chunk: int
+    n_boot: int
+    seed: int
+    headline: bool
+    known_f_null: dict = field(default_factory=dict)
+
+
+@dataclass
+class UnlearningPart:
+    retrained_nonfinite: list[dict]
+    originals_nonfinite: list[dict]
+    f_null: FNullResult | None
+    method: MethodPart | None
+    known_f_null: dict
+    peak_rss_mb: float = 0.0
+
+
+def _read(job: UnlearningJob, models: ModelSet, with_examples: bool = True):
+    selections = {"forget": job.forget, **job.controls} if with_examples else {}
+    return read_selected(models, job.n_examples, job.chunk, selections)
+
+
+def _retrained(job: UnlearningJob) -> tuple[MethodModels, list[dict]]:
+    """The retrained models on the forget and control examples only."""
+    if not job.retrained.model_ids:
+        return MethodModels([], [], np.zeros((0, job.forget.size, 1), np.float32),
+                            {name: np.zeros((0, idx.size, 1), np.float32) for name, idx in job.controls.items()}), []
+    conf, kept = _read(job, job.retrained)
+    return MethodModels(conf.model_ids, conf.markers, kept.pop("forget"), kept), conf.nonfinite
+
+
+def _method(job: UnlearningJob, retrained: MethodModels, pool: RetrainedPool) -> MethodPart:
+    """Read one method's models and compute its section, utility and cost."""
+    group = job.group
+    conf, kept = _read(job, job.unlearned)
+    if job.forget.size == 0:
+        return MethodPart({"method": group.method, "message": FORGET_EMPTY}, None, [], conf.nonfinite, conf.markers)
+    unlearned = MethodModels(conf.model_ids, conf.markers, kept.pop("forget"), kept)
+    res = method_section(group.key, group.method, group.hparams, unlearned, retrained, pool, job.example_ids_forget,
+                         job.seed)
+    cost, cost_notes = cost_section(group.key, unlearned.ids, unlearned.markers, retrained.markers)
+    utility = {"unlearned": accuracy_summary(unlearned.markers), "retrained": accuracy_summary(retrained.markers)}
+    return MethodPart({**res.section, "utility": utility, "cost": cost}, res.figure, res.notes + cost_notes,
+                      conf.nonfinite, unlearned.markers)
+
+
+def unlearning_job(job: UnlearningJob) -> UnlearningPart:
+    """One unlearning job: the retrained pool, then the headline F_null and the originals' NaN / inf (when
+    ``headline``), then the method's section (when it has one)."""
+    steady_heap()
+    retrained, bad = _retrained(job)
+    pool = KnownNullPool(np.asarray(retrained.forget[..., 0], np.float64), job.n_boot, job.seed, job.known_f_null)
+    f_null = headline_f_null(pool, job.forget.size) if job.headline else None
+    originals = _read(job, job.originals, False)[0].nonfinite if job.originals is not None else []
+    method = _method(job, retrained, pool) if job.group is not None else None
+    return UnlearningPart(bad, originals, f_null, method, pool.known, peak_rss_mb())
+
+
+def unlearning_by_jobs(run: RunContents, sel: ExampleSelection, *, chunk: int, n_boot: int, seed: int,
+                       map_jobs: Map = serial_map) -> tuple[UnlearningPart, list[UnlearningPart]]:
+    """The headline job (with the first method), then the other methods' jobs -> (headline part, the others)."""
+    groups = list(run.groups.values())
+    originals = run.by_role.get("original", [])
+
+    def job(group: UnlearnedGroup | None, headline: bool, known: dict) -> tuple:
+        return (UnlearningJob(model_set(run, run.by_role.get("retrain", [])),
+                              model_set(run, originals) if headline and originals else None, group,
+                              model_set(run, group.model_ids) if group is not None else None, sel.forget,
+                              sel.controls, run.example_ids[sel.forget], len(run.split), chunk, n_boot, seed,
+                              headline, known),)
+
+    (head,) = map_jobs(unlearning_job, [job(groups[0] if groups else None, True, {})])
+    rest = map_jobs(unlearning_job, [job(g, False, head.known_f_null) for g in groups[1:]]) if groups[1:] else []
+    return head, rest
