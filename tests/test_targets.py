@@ -233,9 +233,19 @@ def test_a_run_with_targets_trains_in_rounds_stops_and_resumes(tmp_path, capsys)
 
 
 def test_a_run_with_targets_on_ray(ray_address, tmp_path):
-    spec = _targets_spec(tmp_path, {"figures": {"lira_auc": 0.001}, "budget": {"models": 10}},
-                         {"original": 1, "shadow": 4}, unlearn_count=1)
+    # F_null cannot be measured from 2 retrained models (3 per side in every draw): round 2 grows them 4x, and
+    # the budget of 8 models stops the run there
+    spec = _targets_spec(tmp_path, {"figures": {"f_null": 0.0001}, "budget": {"models": 8}},
+                         {"original": 1, "retrain": 2}, unlearn_count=1)
     r = ufarm("run", spec, "--store", tmp_path / "store", "--no-progress", env={"RAY_ADDRESS": ray_address})
     assert r.returncode == 3, r.stdout + r.stderr
-    assert "round 2: 1 original, 8 shadow" in r.stdout and "allows no further model" in r.stdout
-    assert len(os.listdir(tmp_path / "store" / "models")) == 10
+    assert "round 2: 1 original, 6 retrain, 1 finetune" in r.stdout and "allows no further model" in r.stdout
+    assert len(os.listdir(tmp_path / "store" / "models")) == 8
+
+
+def test_a_target_below_its_floor_stops_the_run_as_out_of_reach(tmp_path, capsys):
+    spec = _targets_spec(tmp_path, {"figures": {"lira_auc": 0.0001}}, {"original": 1, "shadow": 4}, unlearn_count=1)
+    assert main(["run", str(spec), "--store", str(tmp_path / "store"), "--executor", "local", "--no-progress"]) == 3
+    out = capsys.readouterr().out
+    assert "out of reach of more models" in out and "round 2" not in out
+    assert json.loads((tmp_path / "store" / "rounds.json").read_text())["stop"] == "unreachable"
