@@ -98,3 +98,44 @@ def ufarm(*args, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "farm.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))
+
+
+class CountingFS:
+    """The local file system, counting the bytes handed out by the files opened with open_input_file (the one
+    call a projected read makes); every other call goes to the local file system."""
+
+    def __init__(self):
+        import pyarrow.fs as pafs
+
+        self.local, self.read = pafs.LocalFileSystem(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.local, name)
+
+    def open_input_file(self, path):
+        import io
+
+        import pyarrow as pa
+
+        handler, inner = self, self.local.open_input_file(path)
+
+        class Counting(io.RawIOBase):
+            def readinto(self, buf):
+                data = inner.read(len(buf))
+                handler.read += len(data)
+                buf[: len(data)] = data
+                return len(data)
+
+            def seek(self, pos, whence=0):
+                return inner.seek(pos, whence)
+
+            def tell(self):
+                return inner.tell()
+
+            def readable(self):
+                return True
+
+            def seekable(self):
+                return True
+
+        return pa.PythonFile(Counting(), mode="r")

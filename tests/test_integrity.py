@@ -2,7 +2,6 @@
 import copy
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from farm.spec import UnlearnSpec, spec_from_dict
 from farm.status import summarize
 from farm.store import RunStore, StoreError, check_compatible, examples_table, is_model_id, logits_table
 from tests.conftest import REPO, TINY_SPEC
+from tests.conftest import CountingFS
 
 TINY_IDS = ["original-00000", "retrain-00000", "retrain-00001", "shadow-00000", "shadow-00001",
             "unlearned-finetune-77143f41-00000", "unlearned-finetune-77143f41-00001"]
@@ -258,41 +258,6 @@ def test_damaged_parent_weights_fail_unlearning_and_verify_retrains_them(base_ru
     assert open(path, "rb").read() == open(os.path.join(base_run, "weights", "original-00000.pt"), "rb").read()
 
 
-class _CountingFS:
-    """The one filesystem call a projected read makes, on a local file, counting the bytes handed out."""
-
-    def __init__(self):
-        import pyarrow.fs as pafs
-
-        self.local, self.read = pafs.LocalFileSystem(), 0
-
-    def open_input_file(self, path):
-        import pyarrow as pa
-
-        handler, inner = self, self.local.open_input_file(path)
-
-        class Counting(io.RawIOBase):
-            def readinto(self, buf):
-                data = inner.read(len(buf))
-                handler.read += len(data)
-                buf[: len(data)] = data
-                return len(data)
-
-            def seek(self, pos, whence=0):
-                return inner.seek(pos, whence)
-
-            def tell(self):
-                return inner.tell()
-
-            def readable(self):
-                return True
-
-            def seekable(self):
-                return True
-
-        return pa.PythonFile(Counting(), mode="r")
-
-
 def test_projected_reads_fetch_only_the_used_columns_and_check_their_pages(tmp_path):
     store, _ = _small_store(tmp_path / "run", n_e=4000, n_q=2)
     rng = np.random.default_rng(1)
@@ -302,7 +267,7 @@ def test_projected_reads_fetch_only_the_used_columns_and_check_their_pages(tmp_p
     assert marker["page_checksums"] is True
     cols = ["conf", "trained_on", "forgotten"]
     reader = RunStore(str(tmp_path / "run"))
-    reader.fs = counter = _CountingFS()
+    reader.fs = counter = CountingFS()
     projected = reader.read_logits("shadow-00000", marker, columns=cols)
     whole = RunStore(str(tmp_path / "run")).read_logits("shadow-00000", marker, columns=cols, whole_file=True)
     assert projected.equals(whole)

@@ -2,17 +2,16 @@
 range of examples decodes (and on the page-checksum path fetches) only the row groups that hold it, every
 page it reads checked against its CRC-32; files of one row group (written before) read the same."""
 import hashlib
-import io
 import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from farm.store import RunStore, StoreError, examples_table, logits_table, parquet_bytes
 from farm.store.layout import ROW_GROUP_EXAMPLES, row_groups_covering
+from tests.conftest import CountingFS
 
 N_Q = 2
 COLS = ["conf", "trained_on", "forgotten"]
@@ -31,37 +30,6 @@ def _store(root, n_e: int, n_models: int = 2):
         table = logits_table(rng.integers(0, 3, n_e), logits, rng.random(n_e) < 0.5, rng.random(n_e) < 0.1, False)
         markers[f"shadow-{k:05d}"] = store.write_model(f"shadow-{k:05d}", table, {"role": "shadow"})
     return store, markers
-
-
-class _CountingFS:
-    """A local file system that counts the bytes handed out by the files it opens."""
-
-    def __init__(self):
-        self.local, self.read = pafs.LocalFileSystem(), 0
-
-    def open_input_file(self, path):
-        handler, inner = self, self.local.open_input_file(path)
-
-        class Counting(io.RawIOBase):
-            def readinto(self, buf):
-                data = inner.read(len(buf))
-                handler.read += len(data)
-                buf[: len(data)] = data
-                return len(data)
-
-            def seek(self, pos, whence=0):
-                return inner.seek(pos, whence)
-
-            def tell(self):
-                return inner.tell()
-
-            def readable(self):
-                return True
-
-            def seekable(self):
-                return True
-
-        return pa.PythonFile(Counting(), mode="r")
 
 
 def test_row_groups_of_fixed_examples_change_no_value():
@@ -137,7 +105,7 @@ def test_bytes_read_follow_the_range_not_the_file(tmp_path):
 
     def bytes_for(start, stop):
         reader = RunStore(str(tmp_path / "run"))
-        reader.fs = counter = _CountingFS()
+        reader.fs = counter = CountingFS()
         t = reader.read_logits("shadow-00000", marker, columns=COLS, rows=(start * N_Q, stop * N_Q))
         assert t.num_rows == (stop - start) * N_Q
         return counter.read

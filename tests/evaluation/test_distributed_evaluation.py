@@ -1,13 +1,11 @@
 """evaluate_store by chunks of examples: any chunk size, and Ray tasks instead of the in-process map, give the
 report of a single chunk to the bit (report.json but its seconds, the per-example Parquet tables, the figures);
 a membership job reads only its rows."""
-import io
 import json
 import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,7 +17,7 @@ from farm.cli import main
 from farm.store import RunStore, examples_table, logits_table
 from farm.store.layout import ROW_GROUP_EXAMPLES
 from synthetic_store import build_store
-from tests.conftest import ufarm
+from tests.conftest import CountingFS, ufarm
 
 ONE_CHUNK = 10 ** 9
 UNLEARNED_NAN = "unlearned-nullmethod-0000beef-00002"
@@ -193,40 +191,6 @@ def test_ray_tasks_get_the_settings_but_no_credentials(ray_address, monkeypatch)
     assert not set(SECRET_ENV) & set(env) and "secret-value-never-forwarded" not in repr(options)
 
 
-class _CountingFS:
-    """The local file system, counting the bytes read from the files opened with open_input_file."""
-
-    def __init__(self):
-        self.local, self.read = pafs.LocalFileSystem(), 0
-
-    def __getattr__(self, name):
-        return getattr(self.local, name)
-
-    def open_input_file(self, path):
-        handler, inner = self, self.local.open_input_file(path)
-
-        class Counting(io.RawIOBase):
-            def readinto(self, buf):
-                data = inner.read(len(buf))
-                handler.read += len(data)
-                buf[: len(data)] = data
-                return len(data)
-
-            def seek(self, pos, whence=0):
-                return inner.seek(pos, whence)
-
-            def tell(self):
-                return inner.tell()
-
-            def readable(self):
-                return True
-
-            def seekable(self):
-                return True
-
-        return pa.PythonFile(Counting(), mode="r")
-
-
 def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
     uri = str(tmp_path / "run")
     n_e = 4 * ROW_GROUP_EXAMPLES
@@ -248,7 +212,7 @@ def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
     class Counted(RunStore):
         def __init__(self, uri):
             super().__init__(uri)
-            self.fs = _CountingFS()
+            self.fs = CountingFS()
             counters.append(self.fs)
 
     monkeypatch.setattr("evaluation.report.store_io.RunStore", Counted)
