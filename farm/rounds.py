@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from evaluation.precision import models_needed
 from farm.spec import ROLES, Spec, planned_models, spec_from_dict
 from farm.store import RunStore
-from farm.targets import FIGURE_ROLES, ROUNDS_FILE, Targets
+from farm.targets import FIGURE_ROLES, ROUNDS_FILE, Z95, Targets
 
 STOP_MET, STOP_BUDGET, STOP_FAILED, STOP_UNREACHABLE = "met", "budget", "failed", "unreachable"
 
@@ -49,7 +49,7 @@ class FigureStatus:
 
     @property
     def half_width(self) -> float:
-        return self.se * 1.959963984540054
+        return self.se * Z95
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,10 +150,15 @@ def _scaled(spec: Spec, want: dict, s: float) -> dict:
     return out
 
 
+def device_share(spec: Spec) -> float:
+    """The devices one worker holds: resources.gpus on GPU runs (GPU-hours), else resources.cpus (core-hours)."""
+    return spec.resources.gpus if spec.resources.gpus > 0 else spec.resources.cpus
+
+
 def _cost_hours(spec: Spec, counts: dict, markers: dict) -> float:
     """Device-hours of the models ``counts`` plan beyond those committed, at each role's mean `seconds` in
     the store (all roles' mean for a role with none yet)."""
-    share = spec.resources.gpus if spec.resources.gpus > 0 else spec.resources.cpus
+    share = device_share(spec)
     times: dict[str, list] = {}
     for m in markers.values():
         if isinstance(m.get("seconds"), (int, float)):
@@ -170,7 +175,7 @@ def _cost_hours(spec: Spec, counts: dict, markers: dict) -> float:
 def spent_hours(spec: Spec, markers: dict) -> float:
     """Device-hours the committed models took: their markers' seconds times the device share each held
     (resources.gpus on GPU runs, resources.cpus otherwise)."""
-    share = spec.resources.gpus if spec.resources.gpus > 0 else spec.resources.cpus
+    share = device_share(spec)
     return sum(float(m["seconds"]) for m in markers.values() if isinstance(m.get("seconds"), (int, float))) \
         * share / 3600
 
@@ -206,14 +211,14 @@ def next_counts(spec: Spec, statuses: list[FigureStatus], markers: dict) -> tupl
 def figure_line(st: FigureStatus) -> str:
     """lira_auc 0.612 +- 0.031 (target +- 0.020): met | needs shadow 112"""
     name = _name(st)
-    target = st.se_target * 1.959963984540054
+    target = st.se_target * Z95
     if not math.isfinite(st.value) or not math.isfinite(st.se):
         return f"{name}: not yet measurable ({st.message or 'too few models'}); target +- {target:.4g}"
     need = ", ".join(f"{role} {n}" for role, n in st.needed.items() if n is not None)
     verdict = "met" if st.met else f"needs {need or 'more models'}"
     if st.unreachable:
         verdict = (f"out of reach of more models: the part of its SE they do not shrink (the examples') is "
-                   f"+- {st.se_floor * 1.959963984540054:.2g} alone")
+                   f"+- {st.se_floor * Z95:.2g} alone")
     return f"{name} {st.value:.4g} +- {st.half_width:.2g} (target +- {target:.2g}): {verdict}"
 
 
