@@ -11,8 +11,8 @@ A jackknife replicate deletes whole groups and never duplicates a model; its var
 (theta_g: the statistic without group g) is the standard delete-a-group estimator, and intervals are
 theta +- t_{G-1, (1+ci)/2} * SE, so they always contain their estimate.  Groups keep dependent models
 together: unlearned models are grouped by parent (the original they were made from), shadows by
-complementary pair, so the interval accounts for siblings.  The attacks' figures (``roc_jackknife``) add
-the jackknife variances over target groups and over example groups.
+complementary pair, so the interval accounts for siblings.  The attacks' figures (evaluation.roc.roc_jackknife)
+add the jackknife variances over target groups and over example groups.
 
 Equal-count comparisons (``equal_count_f``): F between n unlearned and n retrained models, and F_null
 between two disjoint sets of n retrained models, each the mean over S random draws (an incomplete
@@ -36,10 +36,9 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
-from .lira import roc_auc, tpr_at_fpr
 
 __all__ = ["assign_groups", "jackknife_se", "t_interval", "models_needed", "equal_count_f", "jackknife_stat",
-           "roc_jackknife", "Z95", "JACKKNIFE_GROUPS", "DRAW_GROUPS"]
+           "StatMap", "serial_stats", "Z95", "JACKKNIFE_GROUPS", "DRAW_GROUPS"]
 
 Z95 = float(stats.norm.ppf(0.975))
 # Delete-a-group jackknife of a statistic of every model: 10 groups (9 degrees of freedom).
@@ -103,13 +102,25 @@ def models_needed(n_models: int, se: float, half_width: float, z: float = Z95, f
     return int(math.ceil(n_models * (se ** 2 - floor_var) / (target_var - floor_var)))
 
 
+StatMap = Callable[[Callable, list[tuple[np.ndarray, np.ndarray]]], list]
+
+
+def serial_stats(stat: Callable, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list:
+    """The in-process StatMap: stat(a, b) for every pair, in order."""
+    return [stat(a, b) for a, b in pairs]
+
+
 def jackknife_stat(stat: Callable, u: np.ndarray, r: np.ndarray, group_u: np.ndarray, group_r: np.ndarray,
-                   n_groups: int) -> tuple[float, np.ndarray]:
-    """stat(u, r) on every model and on every delete-a-group replicate (group g of the unlearned and of the
-    retrained models deleted together) -> (estimate, replicates[G])."""
-    est = float(stat(u, r))
-    reps = np.array([stat(u[group_u != g], r[group_r != g]) for g in range(n_groups)], dtype=np.float64)
-    return est, reps
+                   n_groups: int, map_stat: StatMap = serial_stats, estimate: float | None = None
+                   ) -> tuple[float, np.ndarray]:
+    """stat(u, r) on every model (unless its ``estimate`` is given) and on every delete-a-group replicate (group g
+    of the unlearned and of the retrained models deleted together) -> (estimate, replicates[G]).
+    ``map_stat(stat, [(a, b), ...])`` evaluates them (all at once: they are independent)."""
+    pairs = [(u[group_u != g], r[group_r != g]) for g in range(n_groups)]
+    if estimate is None:
+        pairs.insert(0, (u, r))
+    values = np.array(map_stat(stat, pairs), dtype=np.float64)
+    return (float(values[0]), values[1:]) if estimate is None else (float(estimate), values)
 
 
 def _draw_summary(values: np.ndarray, leave_out: np.ndarray, n_groups: int) -> dict:
@@ -134,18 +145,21 @@ def _draw_summary(values: np.ndarray, leave_out: np.ndarray, n_groups: int) -> d
 
 
 def equal_count_f(stat: Callable, r: np.ndarray, group_r: np.ndarray, n_groups: int, n: int, n_draws: int,
-                  seed, u: np.ndarray | None = None, group_u: np.ndarray | None = None) -> dict:
+                  seed, u: np.ndarray | None = None, group_u: np.ndarray | None = None,
+                  map_stat: StatMap = serial_stats) -> dict:
     """Equal-count F (``stat`` = forgetting_quality or any stat(a[n, E], b[n, E]) -> float).
 
     Without ``u``: F_null(n) = mean over ``n_draws`` draws of stat(A, B) for disjoint random sets A, B of n
     retrained models.  With ``u``: F(n) = mean over draws of stat(n unlearned, n retrained).  Draw s leaves
     out group s mod G of both kinds (groups from assign_groups); its models come from the other groups.
+    Every draw is made first, then ``map_stat(stat, [(a, b), ...])`` evaluates them (all at once: they are
+    independent, and no draw depends on a value).
     Returns {"mean", "sd", "se", "se_model_part", "draws", "n", "n_draws", "n_groups"}.
     """
     if n < 2:
         raise ValueError(f"an equal-count comparison needs at least 2 models per side, got n = {n}")
     rng = np.random.default_rng(seed)
-    values = np.empty(n_draws, dtype=np.float64)
+    pairs = []
     leave_out = np.arange(n_draws) % max(n_groups, 1)
     for s in range(n_draws):
         g = leave_out[s] if n_groups >= 2 else -1
@@ -155,71 +169,15 @@ def equal_count_f(stat: Callable, r: np.ndarray, group_r: np.ndarray, n_groups: 
                 raise ValueError(f"F_null at {n} models per side needs {2 * n} retrained models outside each "
                                  f"jackknife group; {pool_r.size} are available")
             pick = rng.choice(pool_r, 2 * n, replace=False)
-            values[s] = stat(r[np.sort(pick[:n])], r[np.sort(pick[n:])])
+            pairs.append((r[np.sort(pick[:n])], r[np.sort(pick[n:])]))
         else:
             pool_u = np.flatnonzero(group_u != g)
             if pool_u.size < n or pool_r.size < n:
                 raise ValueError(f"F at {n} models per side needs {n} unlearned and {n} retrained models outside "
                                  f"each jackknife group; {pool_u.size} and {pool_r.size} are available")
-            values[s] = stat(u[np.sort(rng.choice(pool_u, n, replace=False))],
-                             r[np.sort(rng.choice(pool_r, n, replace=False))])
+            pairs.append((u[np.sort(rng.choice(pool_u, n, replace=False))],
+                          r[np.sort(rng.choice(pool_r, n, replace=False))]))
+    values = np.array(map_stat(stat, pairs), dtype=np.float64).reshape(n_draws)
     out = _draw_summary(values, leave_out, n_groups)
     out.update(n=int(n), n_draws=int(n_draws), n_groups=int(n_groups))
-    return out
-
-
-def roc_jackknife(scores: np.ndarray, member: np.ndarray, groupings, fprs, grid: np.ndarray) -> dict:
-    """Pooled ROC figures and their standard errors from a two-way delete-a-group jackknife, from one ROC curve.
-
-    scores, member: 1-D over (target, example) cells.  ``groupings``: a list of (group[cell], G), e.g. the
-    cell's target-pair group and its example group.  For all cells and for every replicate without one group:
-    AUC (trapezoid over the full ROC, ties counted 1/2), TPR at each FPR a of ``fprs`` (the last ROC point with
-    FPR < a, as roc_metrics) and the TPR on ``grid`` (the last ROC point with FPR <= x, for a band).
-    The cells are sorted by score once; the full ROC (the points of evaluation.lira.roc_curve, which is
-    sklearn's: a test pins them equal) and every replicate are cumulative counts over that one order, read at
-    the last cell of each distinct score (a replicate keeps the full curve's points; a point with none of its
-    cells left repeats the one before, which changes no figure). One sort and sequential passes, rather than
-    locating each of millions of cells on sklearn's curve (which scripts/bench_evaluate_store.py measured slower).
-    SE^2 = the sum over groupings of their jackknife variances: targets and examples are crossed, and the
-    scores of one target depend on the others as references, which a jackknife over targets alone misses
-    (scripts/check_statistics.py: its 95% intervals covered 0.80-0.83 of no-signal worlds at 8 to 32
-    shadows, the sum 0.99).
-    Returns {"auc", "tpr_at_fpr": {a: tpr}, "grid_tpr", "dof"} and, with groupings, the "_se" of each and
-    "auc_se_parts" and "tpr_at_fpr_se_parts": the jackknife SE of each grouping alone, in the order given (the
-    example groups' part does not shrink with more targets: a floor more models cannot go below).
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(member, dtype=bool)
-    order = np.argsort(-s, kind="stable")
-    y_sorted = y[order]
-    s_sorted = s[order]
-    # the last cell of each distinct score (compared, not differenced: inf - inf is NaN, inf == inf)
-    last = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s.size - 1]
-    del s_sorted
-
-    def figures(keep):
-        tp = np.cumsum(y_sorted & keep if keep is not None else y_sorted)[last]
-        fp = np.cumsum(~y_sorted & keep if keep is not None else ~y_sorted)[last]
-        fpr, tpr = np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
-        at = [tpr_at_fpr(fpr, tpr, a) for a in fprs]
-        band = tpr[np.searchsorted(fpr, grid, side="right") - 1]
-        return np.r_[roc_auc(fpr, tpr), at, band]
-
-    full = figures(None)
-    k = len(fprs)
-    out = {"auc": float(full[0]), "tpr_at_fpr": dict(zip(fprs, full[1:1 + k].tolist())), "grid_tpr": full[1 + k:]}
-    var, dofs, parts = np.zeros_like(full), [], []
-    for group, n_groups in groupings:
-        if n_groups < 2:
-            parts.append(np.full_like(full, np.nan))
-            continue
-        g_sorted = np.asarray(group)[order]
-        parts.append(jackknife_se(np.array([figures(g_sorted != g) for g in range(n_groups)])))
-        var += parts[-1] ** 2
-        dofs.append(n_groups - 1)
-    if dofs:
-        se = np.sqrt(var)
-        out.update(auc_se=float(se[0]), tpr_at_fpr_se=dict(zip(fprs, se[1:1 + k].tolist())), grid_tpr_se=se[1 + k:],
-                   dof=min(dofs), auc_se_parts=[float(p[0]) for p in parts],
-                   tpr_at_fpr_se_parts={a: [float(p[1 + i]) for p in parts] for i, a in enumerate(fprs)})
     return out

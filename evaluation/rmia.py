@@ -24,7 +24,8 @@ from scipy.special import expit
 
 from .vulnerability import check_partner
 
-__all__ = ["rmia_scores", "rmia_leave_one_out", "rmia_leave_pair_out", "rmia_pair_ratios", "rmia_pair_counts"]
+__all__ = ["rmia_scores", "rmia_leave_one_out", "rmia_leave_pair_out", "rmia_pair_ratios", "rmia_pair_counts",
+           "rmia_counts_rows", "rmia_scored_targets"]
 
 
 def _prob(c, name):
@@ -213,18 +214,28 @@ def rmia_pair_counts(ratio, pop_ratio, shadow_in, partner, gamma: float = 1.0) -
     """rmia_leave_pair_out's scores from its ratios over every example (rmia_pair_ratios): per target t,
     mean over the population (the train examples OUT for t, then every pop_ratio column) of
     1[ratio_t(x) / ratio_t(z) > gamma] -> float64[M, E] (NaN rows where partner[t] is -1)."""
+    mask = np.asarray(shadow_in)
+    return rmia_counts_rows(ratio, pop_ratio, mask, rmia_scored_targets(partner, mask), gamma)
+
+
+def rmia_scored_targets(partner, shadow_in) -> np.ndarray:
+    """bool[M]: the targets rmia_pair_counts scores (those with a partner)."""
+    return _one_partner(partner, np.asarray(shadow_in)) >= 0
+
+
+def rmia_counts_rows(ratio, pop_ratio, shadow_in, scored, gamma: float = 1.0, first: int = 0) -> np.ndarray:
+    """rmia_pair_counts of some target rows (``first``: the first one's index, for messages): ratio[m, E],
+    pop_ratio[m, Z] (or None), shadow_in bool[m, E] and scored bool[m] (whether each target has a partner)
+    -> float64[m, E].  Rows do not depend on one another, so blocks of rows can be counted apart."""
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     mask = np.asarray(shadow_in)
-    pt = _one_partner(partner, mask)
     out = np.full(mask.shape, np.nan)
-    for t in range(mask.shape[0]):
-        if pt[t] < 0:
-            continue
+    for t in np.flatnonzero(scored):
         pop = ratio[t][~mask[t]]
         if pop_ratio is not None:
             pop = np.concatenate([pop, pop_ratio[t]])
         if pop.size == 0:
-            raise ValueError(f"target {t} has an empty population (no OUT train example and no pop_conf)")
+            raise ValueError(f"target {first + t} has an empty population (no OUT train example and no pop_conf)")
         out[t] = _count_greater(ratio[t], pop, gamma)
     return out

@@ -138,7 +138,7 @@ def compare(uri: str, tmp: str, args) -> None:
     print(f"[ray] Ray start (local, {args.cpus} CPUs) {dist['ray_start_seconds']:.2f} s; evaluate_store with Ray "
           f"tasks: {dist['seconds']:.2f} s, driver peak RSS {dist['maxrss_mb']:.0f} MB, {dist['n_workers']} "
           f"workers, peak RSS per worker: " + ", ".join(f"{k} {v:.0f} MB" for k, v in sorted(w.items())), flush=True)
-    print("  wall time of each kind of job's map calls (the unlearning jobs run beside the others): "
+    print("  wall time of each kind of job's map calls (the unlearning read and forgetting-score jobs run beside the others): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(dist["job_seconds"].items())), flush=True)
     diff = differences(os.path.join(tmp, "single"), os.path.join(tmp, "ray"))
     print(f"  reports identical: {'yes' if not diff else 'NO, ' + ', '.join(diff)}")
@@ -181,7 +181,7 @@ def scaling(tmp: str, args) -> None:
         train = examples - examples // 7
         print(f"| {models} | {shadows} | {examples} | {shadows * min(args.chunk_examples, examples) / 1e6:.2f} | "
               f"{shadows * train / 1e6:.2f} | {r['seconds']:.1f} | {r['maxrss_mb']:.0f} | "
-              f"{w.get('membership_job', 0):.0f} | {w.get('unlearning_job', 0):.0f} | "
+              f"{w.get('membership_job', 0):.0f} | {max(w.get('read_job', 0), w.get('stat_job', 0)):.0f} | "
               f"{w.get('attack_figures', 0):.0f} |")
 
 

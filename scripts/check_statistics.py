@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from evaluation.lira import (lira_leave_one_out, lira_leave_pair_out, pair_vulnerability,  # noqa: E402
                              roc_metrics)
-from evaluation.precision import (DRAW_GROUPS, assign_groups, equal_count_f, roc_jackknife,  # noqa: E402
-                                  t_interval)
+from evaluation.precision import DRAW_GROUPS, assign_groups, equal_count_f, t_interval  # noqa: E402
+from evaluation.roc import roc_jackknife  # noqa: E402
 
 
 def pairs_world(rng, m, e, base):

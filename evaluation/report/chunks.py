@@ -8,12 +8,15 @@ workers (farm.run.evaluate_ray), with the same results to the bit.
   the Gaussian check's p-values (membership.chunk_scores).  What pools over examples is reduced by the
   driver: variance="global" first sends jobs that return each example's sums of squared deviations, which
   the driver pools (lira.pooled_spreads, the same sums in the same order as a single process), then the
-  scoring jobs; RMIA's count against each target's population and each attack's ROC with its jackknife
-  are jobs over the stacked scores (membership.membership_from_chunks).  A job's memory follows its
-  chunk: shadows x chunk examples.
-* Unlearning: one job per method (the first one also reads the retrained models' NaN / inf, the originals'
-  and computes F_null for the headline), reading its models ``chunk_examples`` at a time and keeping the
-  forget and control examples only; the F_null values the first job computed are handed to the others.
+  scoring jobs; RMIA's count against each target's population (jobs over blocks of targets) and each
+  attack's ROC with its jackknife (jobs over buckets of scores, evaluation.roc) run over the stacked scores
+  (membership.membership_from_chunks).  A job's memory follows its chunk: shadows x chunk examples, or as
+  many cells.
+* Unlearning: read jobs for the retrained models, each method's unlearned models and the originals (their
+  NaN / inf only), reading ``chunk_examples`` at a time and keeping the forget and control examples only (a
+  few MB come back).  The slow part, the forgetting scores (an epsilon search per forget example) behind
+  F_null's draws, F's jackknife replicates and the equal-count F's draws, runs as one stat_job per score;
+  the rest of each method's section (its epsilons, tests, U-LiRA) in the caller.
 * NaN or infinite conf: every job lists the models that hold any in its rows; a shadow found there is left
   out and the membership jobs run again without it (as a single process leaves it out before scoring).
 
@@ -22,7 +25,7 @@ A job's result also carries its process's peak memory (peak_rss_mb), for benchma
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,9 +38,9 @@ from .unlearning import FNullResult, MethodFigure, MethodModels, RetrainedPool, 
 from .utility import accuracy_summary, cost_section
 
 __all__ = ["DEFAULT_CHUNK_EXAMPLES", "FORGET_EMPTY", "ExampleSelection", "select_examples", "chunk_ranges",
-           "MembershipJob", "MembershipPart", "membership_job", "membership_by_chunks", "KnownNullPool", "MethodPart",
-           "UnlearningJob", "UnlearningPart", "unlearning_job", "unlearning_by_jobs", "peak_rss_mb", "steady_heap",
-           "serial_map"]
+           "MembershipJob", "MembershipPart", "membership_job", "membership_by_chunks", "ReadJob", "ReadPart",
+           "read_job", "stat_job", "stat_map", "MethodPart", "UnlearningResult", "unlearning_by_jobs", "peak_rss_mb",
+           "steady_heap", "serial_map"]
 
 DEFAULT_CHUNK_EXAMPLES = 8192  # = farm.store's row group: a chunk reads whole row groups
 FORGET_EMPTY = "the store's forget set is empty: no unlearning statistic can be computed"
@@ -196,23 +199,55 @@ def membership_by_chunks(run: RunContents, sel: ExampleSelection, *, chunk: int,
         del parts
         res = membership_from_chunks(ids, member, n_q, setup, scores, int(sel.test.size) or None,
                                      run.forget[sel.train], run.example_ids[sel.train], rmia_a=rmia_a,
-                                     rmia_gamma=rmia_gamma, map_jobs=map_jobs, status=status)
+                                     rmia_gamma=rmia_gamma, map_jobs=map_jobs, cells_per_job=len(ids) * chunk,
+                                     status=status)
     return MembershipResult({**header, **res.section}, res.curves, res.per_example, res.notes), nonfinite
 
 
 # ------------------------------------------------------------------------------------ unlearning
-class KnownNullPool(RetrainedPool):
-    """A RetrainedPool that starts from F_null values another job computed (``known``: (n, g) -> the
-    f_null_section dict) and records in ``known`` those it computes itself."""
+@dataclass(frozen=True)
+class ReadJob:
+    """Some models (the retrained ones, the originals, or one method's unlearned ones) on the forget and control
+    examples, read ``chunk`` examples at a time; ``with_examples`` False: only their NaN / inf are listed."""
+    models: ModelSet
+    forget: np.ndarray
+    controls: dict[str, np.ndarray]
+    n_examples: int
+    chunk: int
+    with_examples: bool = True
 
-    def __init__(self, forget0: np.ndarray, n_draws: int, seed: int, known: dict | None = None):
-        super().__init__(forget0, n_draws, seed)
-        self.known = dict(known or {})
 
-    def f_null(self, n: int, g: int) -> dict:
-        if (n, g) not in self.known:
-            self.known[n, g] = super().f_null(n, g)
-        return self.known[n, g]
+@dataclass
+class ReadPart:
+    models: MethodModels  # the usable models (no NaN / inf anywhere)
+    nonfinite: list[dict]
+    peak_rss_mb: float = 0.0
+
+
+def read_job(job: ReadJob) -> ReadPart:
+    """Read the job's models on its examples (read_selected)."""
+    steady_heap()
+    selections = {"forget": job.forget, **job.controls} if job.with_examples else {}
+    if not job.models.model_ids:
+        empty = np.zeros((0, job.forget.size, 1), np.float32)
+        return ReadPart(MethodModels([], [], empty, {name: np.zeros((0, idx.size, 1), np.float32)
+                                                     for name, idx in job.controls.items()}), [], peak_rss_mb())
+    conf, kept = read_selected(job.models, job.n_examples, job.chunk, selections)
+    forget = kept.pop("forget", np.zeros((len(conf.model_ids), 0, 0), np.float32))
+    return ReadPart(MethodModels(conf.model_ids, conf.markers, forget, kept), conf.nonfinite, peak_rss_mb())
+
+
+def stat_job(stat, a: np.ndarray, b: np.ndarray) -> float:
+    """stat(a, b) as a job of its own: one forgetting score behind F_null, F's interval or the equal-count F."""
+    steady_heap()
+    return stat(a, b)
+
+
+def stat_map(map_jobs: Map):
+    """A StatMap (evaluation.precision) that runs each pair's statistic as a stat_job of ``map_jobs``."""
+    def map_stat(stat, pairs):
+        return map_jobs(stat_job, [(stat, a, b) for a, b in pairs])
+    return map_stat
 
 
 @dataclass(frozen=True)
@@ -224,89 +259,49 @@ class MethodPart:
     markers: list[dict]  # of the usable unlearned models
 
 
-@dataclass(frozen=True)
-class UnlearningJob:
-    """The retrained models, and one method's unlearned models (or none), on the forget and control examples;
-    ``headline``: also F_null for the headline and the originals' NaN / inf."""
-    retrained: ModelSet
-    originals: ModelSet | None
-    group: UnlearnedGroup | None
-    unlearned: ModelSet | None
-    forget: np.ndarray
-    controls: dict[str, np.ndarray]
-    example_ids_forget: np.ndarray
-    n_examples: int
-    chunk: int
-    n_boot: int
-    seed: int
-    headline: bool
-    known_f_null: dict = field(default_factory=dict)
-
-
 @dataclass
-class UnlearningPart:
+class UnlearningResult:
     retrained_nonfinite: list[dict]
     originals_nonfinite: list[dict]
-    f_null: FNullResult | None
-    method: MethodPart | None
-    known_f_null: dict
-    peak_rss_mb: float = 0.0
+    f_null: FNullResult
+    methods: list[MethodPart]  # in the order of run.groups
 
 
-def _read(job: UnlearningJob, models: ModelSet, with_examples: bool = True):
-    selections = {"forget": job.forget, **job.controls} if with_examples else {}
-    return read_selected(models, job.n_examples, job.chunk, selections)
-
-
-def _retrained(job: UnlearningJob) -> tuple[MethodModels, list[dict]]:
-    """The retrained models on the forget and control examples only."""
-    if not job.retrained.model_ids:
-        return MethodModels([], [], np.zeros((0, job.forget.size, 1), np.float32),
-                            {name: np.zeros((0, idx.size, 1), np.float32) for name, idx in job.controls.items()}), []
-    conf, kept = _read(job, job.retrained)
-    return MethodModels(conf.model_ids, conf.markers, kept.pop("forget"), kept), conf.nonfinite
-
-
-def _method(job: UnlearningJob, retrained: MethodModels, pool: RetrainedPool) -> MethodPart:
-    """Read one method's models and compute its section, utility and cost."""
-    group = job.group
-    conf, kept = _read(job, job.unlearned)
-    if job.forget.size == 0:
-        return MethodPart({"method": group.method, "message": FORGET_EMPTY}, None, [], conf.nonfinite, conf.markers)
-    unlearned = MethodModels(conf.model_ids, conf.markers, kept.pop("forget"), kept)
-    res = method_section(group.key, group.method, group.hparams, unlearned, retrained, pool, job.example_ids_forget,
-                         job.seed)
+def _method(group: UnlearnedGroup, read: ReadPart, retrained: MethodModels, pool: RetrainedPool,
+            example_ids_forget: np.ndarray, seed: int) -> MethodPart:
+    """One method's section, utility and cost."""
+    unlearned = read.models
+    if unlearned.forget.shape[1] == 0:
+        return MethodPart({"method": group.method, "message": FORGET_EMPTY}, None, [], read.nonfinite,
+                          unlearned.markers)
+    res = method_section(group.key, group.method, group.hparams, unlearned, retrained, pool, example_ids_forget,
+                         seed)
     cost, cost_notes = cost_section(group.key, unlearned.ids, unlearned.markers, retrained.markers)
     utility = {"unlearned": accuracy_summary(unlearned.markers), "retrained": accuracy_summary(retrained.markers)}
     return MethodPart({**res.section, "utility": utility, "cost": cost}, res.figure, res.notes + cost_notes,
-                      conf.nonfinite, unlearned.markers)
-
-
-def unlearning_job(job: UnlearningJob) -> UnlearningPart:
-    """One unlearning job: the retrained pool, then the headline F_null and the originals' NaN / inf (when
-    ``headline``), then the method's section (when it has one)."""
-    steady_heap()
-    retrained, bad = _retrained(job)
-    pool = KnownNullPool(np.asarray(retrained.forget[..., 0], np.float64), job.n_boot, job.seed, job.known_f_null)
-    f_null = headline_f_null(pool, job.forget.size) if job.headline else None
-    originals = _read(job, job.originals, False)[0].nonfinite if job.originals is not None else []
-    method = _method(job, retrained, pool) if job.group is not None else None
-    return UnlearningPart(bad, originals, f_null, method, pool.known, peak_rss_mb())
+                      read.nonfinite, unlearned.markers)
 
 
 def unlearning_by_jobs(run: RunContents, sel: ExampleSelection, *, chunk: int, n_boot: int, seed: int,
-                       map_jobs: Map = serial_map) -> tuple[UnlearningPart, list[UnlearningPart]]:
-    """The headline job (with the first method), then the other methods' jobs -> (headline part, the others)."""
+                       map_jobs: Map = serial_map) -> UnlearningResult:
+    """The headline F_null and every method's section.  One map call reads the retrained models, the originals
+    (for their NaN / inf only) and each method's unlearned models; then, method by method, the forgetting scores
+    behind F_null, F's jackknife and the equal-count F run as stat_jobs (the slow part: each is an epsilon search
+    per forget example), and the rest of each section here."""
     groups = list(run.groups.values())
     originals = run.by_role.get("original", [])
 
-    def job(group: UnlearnedGroup | None, headline: bool, known: dict) -> tuple:
-        return (UnlearningJob(model_set(run, run.by_role.get("retrain", [])),
-                              model_set(run, originals) if headline and originals else None, group,
-                              model_set(run, group.model_ids) if group is not None else None, sel.forget,
-                              sel.controls, run.example_ids[sel.forget], len(run.split), chunk, n_boot, seed,
-                              headline, known),)
+    def read(ids: list[str], with_examples: bool = True) -> tuple:
+        return (ReadJob(model_set(run, ids), sel.forget, sel.controls, len(run.split), chunk, with_examples),)
 
-    (head,) = map_jobs(unlearning_job, [job(groups[0] if groups else None, True, {})])
-    rest = map_jobs(unlearning_job, [job(g, False, head.known_f_null) for g in groups[1:]]) if groups[1:] else []
-    return head, rest
+    jobs = [read(run.by_role.get("retrain", []))] + [read(g.model_ids) for g in groups]
+    if originals:
+        jobs.append(read(originals, False))
+    parts = map_jobs(read_job, jobs)
+    retrained = parts[0].models
+    pool = RetrainedPool(np.asarray(retrained.forget[..., 0], np.float64), n_boot, seed,
+                         map_stat=stat_map(map_jobs))
+    f_null = headline_f_null(pool, sel.forget.size)
+    example_ids = run.example_ids[sel.forget]
+    methods = [_method(g, part, retrained, pool, example_ids, seed) for g, part in zip(groups, parts[1:])]
+    return UnlearningResult(parts[0].nonfinite, parts[-1].nonfinite if originals else [], f_null, methods)

@@ -6,8 +6,8 @@ map_chunks, chunk_examples)``
 
 The pipeline, one step per function below: read what the run holds (store_io.open_run), choose the examples
 (select_examples), compute each section as jobs (chunks: membership by chunks of examples into
-membership.membership_from_chunks, unlearning.headline_f_null and unlearning.method_section in a job per method,
-utility), then render them (render: figures, report.md, report.json) and write the files (store_io.ReportWriter).
+membership.membership_from_chunks; the unlearning models read by jobs, whose forgetting scores run as jobs
+behind unlearning.headline_f_null and unlearning.method_section; utility), then render them (render: figures, report.md, report.json) and write the files (store_io.ReportWriter).
 * membership: LiRA (online, offline, global) and RMIA over the shadows with leave-pair-out references,
   per-example vulnerability from within-pair comparisons with its chance level, a jackknife over target pairs
   and examples for every figure's precision (and the ROC band), LiRA's Gaussian check.
@@ -21,7 +21,7 @@ utility), then render them (render: figures, report.md, report.json) and write t
 Models whose conf column holds NaN or infinite values are listed by model id and left out of every statistic.
 Memory: a membership job holds its chunk of examples of every shadow (float32), the driver the stacked
 per-example scores (float64, shadows x train examples, one array per attack) while it draws the ROC figures,
-and the unlearning jobs only the forget and control examples.
+and the unlearning read jobs only the forget and control examples.
 """
 from __future__ import annotations
 
@@ -137,14 +137,14 @@ def _compute_sections(run: RunContents, sel: ExampleSelection, settings: ReportS
         map_jobs=map_jobs, workers=1 if distributed else None, status=status)
     bar.update(1)
     status("retrained models, F_null and the methods")
-    head, rest = unlearning.result()
-    nonfinite += head.retrained_nonfinite
-    f_null = head.f_null
+    unl = unlearning.result()
+    nonfinite += unl.retrained_nonfinite
+    f_null = unl.f_null
     notes = membership.notes + ([FORGET_EMPTY] if sel.forget.size == 0 else []) + f_null.notes
     bar.update(1)
-    nonfinite += head.originals_nonfinite  # only to report NaN / inf conf by model id
+    nonfinite += unl.originals_nonfinite  # only to report NaN / inf conf by model id
     s = _Sections(membership, f_null, {}, {}, _role_utility(run, nonfinite), nonfinite, notes)
-    for key, part in zip(run.groups, [p.method for p in [head, *rest] if p.method is not None]):
+    for key, part in zip(run.groups, unl.methods):
         s.nonfinite += part.nonfinite
         s.methods[key] = part.section
         if part.figure is not None:
@@ -229,7 +229,8 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     Returns the report as a dict, plus ``out`` and ``files``.
 
     The work runs as jobs (evaluation.report.chunks): membership jobs over chunks of ``chunk_examples``
-    examples, whose memory follows the chunk (shadows x chunk examples), and a job per unlearning method.
+    examples, whose memory follows the chunk (shadows x chunk examples), read jobs of the unlearning models'
+    forget and control examples, and a job per forgetting score behind F_null and each method's F.
     ``map_chunks(fn, [args, ...]) -> [fn(*args), ...]`` runs them: by default here, one after the other;
     farm.run.evaluate_ray.ray_map runs them as Ray tasks (then the unlearning jobs run beside the membership
     jobs, from a second thread of this process).  The report is the same to the bit whatever the map and the

@@ -9,8 +9,10 @@ The work splits by examples (evaluation.report.chunks runs it as jobs): chunk_sc
 depends on one example alone for a chunk of them (the LiRA scores of every mode, RMIA's likelihood ratios,
 the vulnerability and its jackknife replicates, the Gaussian check's p-values), given a ChunkSetup that
 carries the spreads variance="global" pools over every example; membership_from_chunks turns the stacked
-chunks into the section, each attack's ROC (attack_figures: RMIA's counts against each target's population,
-then roc_jackknife) a job of its map.  membership_section does it all in memory, as one chunk.
+chunks into the section: RMIA's counts against each target's population as jobs over blocks of targets
+(rmia_counts_rows), then each attack's ROC with its jackknife as jobs over buckets of scores
+(evaluation.roc.roc_jackknife), each job about the cells of a membership job.  membership_section does it
+all in memory, as one chunk.
 
 Why leave-pair-out: shadows come in complementary pairs (every train example is IN for exactly one shadow
 of a pair).  Leaving only the target out gives an IN target M/2-1 IN references and M/2 OUT ones and the
@@ -30,8 +32,9 @@ from scipy import stats
 
 from ..lira import (gaussian_pvalues, gaussian_summary, lira_group_ssd, lira_leave_pair_out, pair_vulnerability,
                     pair_vulnerability_null, pooled_spreads, random_partners)
-from ..precision import JACKKNIFE_GROUPS, assign_groups, jackknife_se, models_needed, roc_jackknife, t_interval
-from ..rmia import rmia_pair_counts, rmia_pair_ratios
+from ..precision import JACKKNIFE_GROUPS, assign_groups, jackknife_se, models_needed, t_interval
+from ..rmia import rmia_counts_rows, rmia_pair_ratios, rmia_scored_targets
+from ..roc import roc_jackknife
 
 __all__ = ["MembershipResult", "RocCurve", "ShadowSetup", "membership_section", "too_few_shadows", "shadow_partners",
            "shadow_setup", "lira_mode", "attack_figures", "ChunkSetup", "chunk_setup", "ChunkScores", "chunk_scores",
@@ -119,10 +122,6 @@ class _Jackknife:
     def dof(self) -> int:
         return min(self.n_groups, self.n_ex_groups) - 1
 
-    def cells(self, shape) -> list[tuple[np.ndarray, int]]:
-        """(group of every (target, example) cell, G) for both groupings."""
-        return [(np.broadcast_to(self.groups[:, None], shape), self.n_groups),
-                (np.broadcast_to(self.ex_groups[None, :], shape), self.n_ex_groups)]
 
 
 def _precision_fields(fig: dict, dof: int, n_models: int) -> dict:
@@ -152,15 +151,28 @@ def _curve(fig: dict, dof: int) -> RocCurve:
                     np.clip(fig["grid_tpr"] + half, 0, 1))
 
 
-def attack_figures(scores, member, jk: _Jackknife, rmia: tuple | None = None) -> tuple[dict, int]:
+def attack_figures(scores, member, jk: _Jackknife, rmia: tuple | None = None, *, cells_per_job: int | None = None,
+                   map_jobs: "Map | None" = None) -> tuple[dict, int]:
     """One attack's pooled ROC figures with their jackknife standard errors (roc_jackknife over the scored
     cells) -> (figures, number of cells).  scores[M, T], member bool[M, T]; with ``rmia`` = (pop_ratio,
     partner, gamma), ``scores`` are RMIA's ratios over every train example (rmia_pair_ratios), counted
-    against each target's population first (rmia_pair_counts).  A job of evaluate_store's map."""
+    against each target's population first (rmia_counts_rows).  With ``cells_per_job``, both run as jobs of
+    ``map_jobs`` of about that many cells (blocks of targets, buckets of scores); without, here at once."""
+    run = map_jobs or serial_map
     if rmia is not None:
-        scores = rmia_pair_counts(scores, rmia[0], member, rmia[1], rmia[2])
+        pop, partner, gamma = rmia
+        scored = rmia_scored_targets(partner, member)
+        rows = scores.shape[0] if cells_per_job is None else max(1, cells_per_job // max(1, scores.shape[1]))
+        blocks = [(scores[a:a + rows], None if pop is None else pop[a:a + rows], member[a:a + rows],
+                   scored[a:a + rows], gamma, a) for a in range(0, scores.shape[0], rows)]
+        scores = np.concatenate(run(rmia_counts_rows, blocks)) if blocks else np.zeros(member.shape)
+        del blocks
     ok = np.isfinite(scores)
-    fig = roc_jackknife(scores[ok], member[ok], [(c[ok], k) for c, k in jk.cells(member.shape)], FPRS, ROC_GRID)
+    rows, cols = np.nonzero(ok)
+    groupings = [(jk.groups[rows], jk.n_groups), (jk.ex_groups[cols], jk.n_ex_groups)]
+    del rows, cols
+    fig = roc_jackknife(scores[ok], member[ok], groupings, FPRS, ROC_GRID, cells_per_bucket=cells_per_job,
+                        map_jobs=run)
     return fig, int(ok.sum())
 
 
@@ -363,20 +375,22 @@ def unscored(m: int, n_queries: int, setup: ShadowSetup) -> MembershipResult:
 def membership_from_chunks(ids: list[str], member: np.ndarray, n_queries: int, setup: ShadowSetup, s: ChunkScores,
                            pop_size: int | None, forget_train: np.ndarray, example_ids_train: np.ndarray, *,
                            rmia_a: float = 0.3, rmia_gamma: float = 1.0, map_jobs: Map = serial_map,
+                           cells_per_job: int | None = None,
                            status: Callable[[str], None] = lambda s: None) -> MembershipResult:
     """The membership section from the per-example results of every train example (stack_chunks) of the usable
     shadows ``ids`` with train membership member[M, T] and their ShadowSetup (without a message); pop_size: the
-    test examples in RMIA's population (None: none).  Each attack's figures are a job of ``map_jobs``."""
+    test examples in RMIA's population (None: none).  Each attack's figures run as jobs of ``map_jobs`` of about
+    ``cells_per_job`` cells (attack_figures)."""
     m = member.shape[0]
     refs, jk = setup.refs, setup.jk
     sec = setup_fields(m, n_queries, setup)
     status("LiRA and RMIA figures")
-    jobs = [(s.scores.pop(mode), member, jk, None) for mode in LIRA_MODES]
+    figs = [attack_figures(s.scores.pop(mode), member, jk, cells_per_job=cells_per_job, map_jobs=map_jobs)
+            for mode in LIRA_MODES]
     if s.rmia_ratio is not None:
-        jobs.append((s.rmia_ratio, member, jk, (s.rmia_pop, refs.partner, rmia_gamma)))
+        figs.append(attack_figures(s.rmia_ratio, member, jk, (s.rmia_pop, refs.partner, rmia_gamma),
+                                   cells_per_job=cells_per_job, map_jobs=map_jobs))
     s.rmia_ratio = s.rmia_pop = None
-    figs = map_jobs(attack_figures, jobs)
-    del jobs
     sec["modes"], curves = {}, {}
     for mode, (fig, n_cells) in zip(LIRA_MODES, figs):
         sec["modes"][mode] = {**_precision_fields(fig, jk.dof, m), "n_cells": n_cells}

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..competition import (DELTA, final_score, forgetting_quality, forgetting_quality_from_epsilons,
                            per_example_epsilons)
-from ..precision import (DRAW_GROUPS, JACKKNIFE_GROUPS, assign_groups, equal_count_f, jackknife_se, jackknife_stat,
-                         models_needed, t_interval)
+from ..precision import (DRAW_GROUPS, JACKKNIFE_GROUPS, StatMap, assign_groups, equal_count_f, jackknife_se,
+                         jackknife_stat, models_needed, serial_stats, t_interval)
 from ..twosample import per_example_tests
 from ..ulira import ulira_attack
 from .utility import accuracies
@@ -82,9 +82,11 @@ def equal_count_n(group_r: np.ndarray, n_groups: int, n_u: int | None = None,
     return n
 
 
-def f_null_section(r_f0: np.ndarray, n: int, group_r: np.ndarray, n_groups: int, n_draws: int, seed) -> dict:
+def f_null_section(r_f0: np.ndarray, n: int, group_r: np.ndarray, n_groups: int, n_draws: int, seed,
+                   map_stat: StatMap = serial_stats) -> dict:
     """F_null at n retrained models per side: the mean over draws of disjoint sets, its spread and SE."""
-    res = equal_count_f(forgetting_quality, r_f0, group_r, n_groups, n, n_draws, [*np.atleast_1d(seed), 0xF0])
+    res = equal_count_f(forgetting_quality, r_f0, group_r, n_groups, n, n_draws, [*np.atleast_1d(seed), 0xF0],
+                        map_stat=map_stat)
     lo, hi = t_interval(res["mean"], res["se"], max(n_groups - 1, 1), CI, 0.0, 1.0)
     return {"f_null": res["mean"], "sd_over_draws": res["sd"], "se": res["se"], "ci_low": lo, "ci_high": hi,
             "n_per_side": n, "n_draws": n_draws, "n_groups": n_groups, "draws": res["draws"]}
@@ -92,11 +94,14 @@ def f_null_section(r_f0: np.ndarray, n: int, group_r: np.ndarray, n_groups: int,
 
 class RetrainedPool:
     """The retrained models' query-0 confidences on the forget examples used, their groups for the equal-count
-    draws and F_null at each (count, groups), each computed once and shared by the headline and every method."""
+    draws and F_null at each (count, groups), each computed once and shared by the headline and every method.
+    ``map_stat`` evaluates the forgetting scores behind F_null and every method's F interval and equal-count F
+    (evaluation.report.chunks runs them as jobs)."""
 
-    def __init__(self, forget0: np.ndarray, n_draws: int, seed: int, status: Callable[[str], None] = lambda s: None):
+    def __init__(self, forget0: np.ndarray, n_draws: int, seed: int, status: Callable[[str], None] = lambda s: None,
+                 map_stat: StatMap = serial_stats):
         self.forget0 = forget0  # float64[N_r, F]
-        self.n_draws, self.seed, self.status = n_draws, seed, status
+        self.n_draws, self.seed, self.status, self.map_stat = n_draws, seed, status, map_stat
         self._groups: dict[int, np.ndarray] = {}
         self._f_null: dict[tuple[int, int], dict] = {}
 
@@ -115,7 +120,7 @@ class RetrainedPool:
         if (n, g) not in self._f_null:
             self.status(f"F_null at {n} models per side")
             gr = self.groups(g) if g >= 2 else np.zeros(self.n_models, np.int64)
-            self._f_null[n, g] = f_null_section(self.forget0, n, gr, g, self.n_draws, self.seed)
+            self._f_null[n, g] = f_null_section(self.forget0, n, gr, g, self.n_draws, self.seed, self.map_stat)
         return self._f_null[n, g]
 
 
@@ -158,7 +163,7 @@ def _epsilon_summary(eps: np.ndarray) -> dict:
             "quantiles": {str(q): float(np.quantile(eps, q)) for q in (0.1, 0.5, 0.9)}}
 
 
-def _f_interval(f: float, u0, r0, parents, seed: int, status) -> dict:
+def _f_interval(f: float, u0, r0, parents, seed: int, status, map_stat: StatMap) -> dict:
     """F's jackknife interval: groups of whole originals on the unlearned side, deleted with a group of
     retrained models; and the models F +- F_HALF_WIDTH would need."""
     n_u, n_r = u0.shape[0], r0.shape[0]
@@ -168,7 +173,7 @@ def _f_interval(f: float, u0, r0, parents, seed: int, status) -> dict:
         return {"interval_message": (f"no interval for F: the jackknife needs at least 2 originals and 2 models "
                                      f"left after deleting a group (have {np.unique(parents).size} originals)")}
     status("F jackknife")
-    _, reps = jackknife_stat(forgetting_quality, u0, r0, gu, gr, g)
+    _, reps = jackknife_stat(forgetting_quality, u0, r0, gu, gr, g, map_stat, estimate=f)
     se = jackknife_se(reps)
     lo, hi = t_interval(f, se, g - 1, CI, 0.0, 1.0)
     return {"se": se, "ci_low": lo, "ci_high": hi,
@@ -188,7 +193,8 @@ def _equal_count(key: str, u0, r0, parents, pool: RetrainedPool, seed: int, stat
                       f"draw (have {n}) and at least 2 draws (have {pool.n_draws})")
     status(f"F and F_null at {n} models per side")
     null = pool.f_null(n, g)
-    res = equal_count_f(forgetting_quality, r0, gr, g, n, pool.n_draws, [seed, 0xEC, 1], u=u0, group_u=gu)
+    res = equal_count_f(forgetting_quality, r0, gr, g, n, pool.n_draws, [seed, 0xEC, 1], u=u0, group_u=gu,
+                        map_stat=pool.map_stat)
     dof = max(g - 1, 1)
     ec = {"n_per_side": n, "n_draws": pool.n_draws, "n_groups": g,
           "f": res["mean"], "f_sd_over_draws": res["sd"], "f_se": res["se"],
@@ -228,7 +234,7 @@ def competition_section(key: str, u0, r0, parents, u_markers, r_markers, pool: R
     eps = per_example_epsilons(u0, r0, DELTA)
     f = forgetting_quality_from_epsilons(eps, u0.shape[0])
     comp: dict = {"forgetting_quality": f, "delta": DELTA, "epsilon": _epsilon_summary(eps)}
-    comp.update(_f_interval(f, u0, r0, parents, seed, status))
+    comp.update(_f_interval(f, u0, r0, parents, seed, status, pool.map_stat))
     notes = []
     ec, why_not = _equal_count(key, u0, r0, parents, pool, seed, status)
     if ec is None:

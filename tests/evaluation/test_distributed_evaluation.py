@@ -145,7 +145,12 @@ def test_ray_tasks_give_the_report_of_one_process(stores, one_chunk, ray_address
 
     evaluate_store(stores["per_example"], out=str(tmp_path / "ray"), map_chunks=recording, chunk_examples=200, **KW)
     _assert_same(_files(str(tmp_path / "ray")), one_chunk["per_example"])
-    assert ("membership_job", 4) in seen and ("attack_figures", 4) in seen and ("unlearning_job", 1) in seen
+    assert ("membership_job", 4) in seen and ("read_job", 2) in seen
+    # each attack's ROC in buckets of about a membership job's cells (64 shadows x 200 examples, of 500 train), and
+    # RMIA's counts in blocks of as many cells (3 blocks of targets)
+    assert [n for name, n in seen if name == "roc_bucket_job"] == [3, 3, 3, 3] and ("rmia_counts_rows", 3) in seen
+    # a forgetting score per job: F_null's 4 draws (n_boot), F's 8 jackknife replicates, the equal-count F's 4 draws
+    assert [n for name, n in seen if name == "stat_job"] == [4, 8, 4]
 
 
 def test_ray_tasks_open_an_s3_store_by_its_uri(ray_address, bucket, tmp_path):

@@ -7,7 +7,8 @@ from scipy import stats
 
 from evaluation.lira import lira_leave_pair_out
 from evaluation.precision import (DRAW_GROUPS, assign_groups, equal_count_f, jackknife_se, jackknife_stat,
-                                  roc_jackknife, t_interval)
+                                  t_interval)
+from evaluation.roc import roc_jackknife
 from evaluation.report import evaluate_store
 from evaluation.ulira import ulira_attack
 from farm.store import RunStore

@@ -1,6 +1,7 @@
 """The report's numbers after it was split into sections: the ROC helpers (roc_curve now sklearn's) against
 the hand-written sweeps they replaced and against brute force, and a synthetic store's report against
 independent computations and against the figures the report gave before it was split (same store, same seed)."""
+import json
 import os
 
 import numpy as np
@@ -10,7 +11,8 @@ from scipy import stats
 
 from evaluation.competition import forgetting_quality
 from evaluation.lira import lira_leave_pair_out, roc_curve, roc_metrics
-from evaluation.precision import jackknife_se, roc_jackknife
+from evaluation.precision import jackknife_se
+from evaluation.roc import roc_jackknife
 from evaluation.report import evaluate_store
 from evaluation.rmia import rmia_leave_pair_out
 from evaluation.ulira import ulira_attack
@@ -85,21 +87,48 @@ def test_roc_jackknife_equals_the_sweep_it_replaced():
     for n, ties in ((600, True), (4000, False), (4000, True)):
         s, y = _scores(rng, n, ties)
         groupings = [(rng.integers(0, 10, n), 10), (rng.integers(0, 4, n), 4)]
-        fig = roc_jackknife(s, y, groupings, fprs, grid)
         full, se = sweep_roc_jackknife(s, y, groupings, fprs, grid)
-        assert fig["auc"] == full[0] and fig["auc_se"] == se[0]
-        assert list(fig["tpr_at_fpr"].values()) == full[1:4].tolist()
-        assert list(fig["tpr_at_fpr_se"].values()) == se[1:4].tolist()
-        np.testing.assert_array_equal(fig["grid_tpr"], full[4:])
-        np.testing.assert_array_equal(fig["grid_tpr_se"], se[4:])
-        assert fig["dof"] == 3
         m = roc_metrics(s, y, fprs)
-        assert fig["auc"] == m["auc"] and fig["tpr_at_fpr"] == m["tpr_at_fpr"]
+        # one bucket, buckets of ~10% of the cells, buckets of a handful (ties span bucket edges' choice)
+        for cells_per_bucket in (None, n // 10, 7):
+            fig = roc_jackknife(s, y, groupings, fprs, grid, cells_per_bucket=cells_per_bucket)
+            # the AUC is summed exactly in counts and divided once, the sweep summed rates: equal to rounding
+            assert fig["auc"] == pytest.approx(full[0], rel=1e-13) and fig["auc_se"] == pytest.approx(se[0], rel=1e-9)
+            assert fig["auc"] == pytest.approx(m["auc"], rel=1e-13)
+            # TPRs are read off the same counts: exactly equal
+            assert list(fig["tpr_at_fpr"].values()) == full[1:4].tolist() and fig["tpr_at_fpr"] == m["tpr_at_fpr"]
+            assert list(fig["tpr_at_fpr_se"].values()) == se[1:4].tolist()
+            np.testing.assert_array_equal(fig["grid_tpr"], full[4:])
+            np.testing.assert_array_equal(fig["grid_tpr_se"], se[4:])
+            assert fig["dof"] == 3
     # infinite scores: one curve point per distinct score, as sklearn's curve (on ranks) has it
     s, y = _scores(rng, 500)
     s[:5], s[5:8] = np.inf, -np.inf
-    fig, m = roc_jackknife(s, y, [], fprs, grid), roc_metrics(s, y, fprs)
-    assert fig["auc"] == m["auc"] and fig["tpr_at_fpr"] == m["tpr_at_fpr"]
+    for cells_per_bucket in (None, 40):
+        fig, m = roc_jackknife(s, y, [], fprs, grid, cells_per_bucket=cells_per_bucket), roc_metrics(s, y, fprs)
+        assert fig["auc"] == pytest.approx(m["auc"], rel=1e-13) and fig["tpr_at_fpr"] == m["tpr_at_fpr"]
+
+
+def test_roc_buckets_bound_a_job_and_give_the_same_figures_to_the_bit():
+    """A job holds about cells_per_bucket cells (equal scores stay in one bucket); the figures do not depend on
+    the buckets at all, since counts are exact integers."""
+    from evaluation.roc import roc_buckets
+    rng = np.random.default_rng(23)
+    s, y = _scores(rng, 20000, ties=False)
+    groupings = [(rng.integers(0, 10, s.size), 10), (rng.integers(0, 5, s.size), 5)]
+    buckets = roc_buckets(s, y, groupings, (0.01,), np.linspace(0, 1, 11), 10)
+    sizes = [b.scores.size for b in buckets]
+    assert len(sizes) == 10 and sum(sizes) == s.size and max(sizes) < 1.5 * s.size / 10
+    assert all(a.scores.min() > b.scores.max() for a, b in zip(buckets, buckets[1:]))  # highest first, disjoint
+    one = roc_jackknife(s, y, groupings, (0.01,), np.linspace(0, 1, 11))
+    many = roc_jackknife(s, y, groupings, (0.01,), np.linspace(0, 1, 11), cells_per_bucket=2000)
+    assert json.dumps({k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in one.items()}) == \
+        json.dumps({k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in many.items()})
+    s_tied = np.round(s)  # a handful of distinct scores: each bucket holds whole ties
+    tied = roc_buckets(s_tied, y, groupings, (0.01,), np.linspace(0, 1, 11), 10)
+    assert all(np.intersect1d(a.scores, b.scores).size == 0 for a in tied for b in tied if a is not b)
+    with pytest.raises(ValueError, match="NaN"):
+        roc_jackknife(np.r_[s[:10], np.nan], y[:11], [], (0.01,), np.linspace(0, 1, 11))
 
 
 # ----------------------------------------------------------------------- a report, number by number
