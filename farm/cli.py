@@ -100,8 +100,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--rmia-a", type=float, default=None, help="RMIA's offline a (default 0.3)")
     p.add_argument("--rmia-gamma", type=float, default=None, help="RMIA's likelihood-ratio threshold (default 1)")
     p.add_argument("--verify", action="store_true",
-                   help="read whole logits files against their sha256 (default: only the columns used, each "
-                        "page against its CRC-32)")
+                   help="first read every logits file whole, once, against its sha256 (every read also checks "
+                        "the pages of the columns it uses against their CRC-32)")
     _add_executor(p, executor_help=(
         "local (default without --address or RAY_ADDRESS): every job in this process; ray (default with one): "
         "chunks of examples and unlearning methods as Ray tasks of 1 CPU (a local Ray when no address is given). "

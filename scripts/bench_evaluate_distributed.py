@@ -7,15 +7,15 @@ Default: the 256-model x 70,000-example store of bench_evaluate_store.py (192 sh
 unlearned; 60,000 train examples, 500 of them forget, 10,000 test; 2 queries).  Each evaluation runs in a
 fresh child process so that its peak memory is its own (ru_maxrss): the single process (evaluate_store as
 `ufarm evaluate` runs it by default), then the distributed one on a local Ray of --cpus CPUs started in its
-child (the Ray start is timed apart).  Every Ray task also returns its worker's peak memory.  Checks that the
+child (the Ray start is timed apart).  Every Ray task also returns its own peak memory.  Checks that the
 two reports are identical (report.json but its seconds, per-example Parquet tables, figures) and prints the
 ratio of the times.
 
 --scaling: stores whose models and examples double alternately (e.g. 32 x 8,750 -> 32 x 17,500 -> 64 x 17,500
 -> ... -> 256 x 70,000), each evaluated on Ray in a fresh child: time, the driver's peak and the workers'
 peaks, those that ran membership jobs (chunks of --chunk-examples examples of every shadow: their memory
-follows shadows x chunk, not the store) and those that drew the ROC figures (each holds one attack's scores
-over every (shadow, train example), as the single process does).  Prints a markdown table.
+follows shadows x chunk, not the store) and those that ran the ROC jobs (buckets of one attack's scores and
+blocks of RMIA's targets, each about as many cells as a membership job).  Prints a markdown table.
 
     python scripts/bench_evaluate_distributed.py [--quick] [--scaling] [--cpus 2] [--chunk-examples 8192]
                                                  [--n-boot 20] [--models M --examples E [--forget F]] [--keep DIR]
@@ -54,10 +54,23 @@ def _peak_mb() -> float:
 
 
 def _with_peak(fn):
-    """fn, returning also its worker's peak memory and pid (pickled by value: this script is __main__)."""
+    """fn, returning also its worker's peak memory during the job and its pid (pickled by value: this script is
+    __main__).  The peak is the job's own where Linux lets a process reset its high-water mark (writing 5 to
+    /proc/self/clear_refs, then VmHWM): a worker runs jobs of every kind, and its lifetime peak (ru_maxrss,
+    the fallback) would charge each kind with the largest job the worker ran before it."""
     def run(*args):
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            own = True
+        except OSError:
+            own = False
         out = fn(*args)
-        return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, os.getpid()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if own:
+            with open("/proc/self/status") as fh:
+                peak = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:")) / 1024
+        return out, peak, os.getpid()
     return run
 
 
@@ -154,6 +167,11 @@ def compare(uri: str, tmp: str, args) -> None:
         sys.exit(1)
 
 
+def _roc_peak(workers: dict) -> float:
+    """The largest peak of the workers that ran ROC jobs: buckets of scores, and RMIA's blocks of targets."""
+    return max(workers.get("roc_bucket_job", 0), workers.get("rmia_counts_rows", 0))
+
+
 def scaling(tmp: str, args) -> None:
     steps = [(8, 1000), (8, 2000), (16, 2000)] if args.quick else \
         [(32, 8750), (32, 17500), (64, 17500), (64, 35000), (128, 35000), (128, 70000), (256, 70000)]
@@ -169,7 +187,7 @@ def scaling(tmp: str, args) -> None:
         rows.append((models, sizes["n_shadow"], examples, r, w))
         print(f"[{models} models x {examples} examples] built in {built:.1f} s; evaluate_store on Ray "
               f"{r['seconds']:.1f} s, driver {r['maxrss_mb']:.0f} MB, membership-job workers "
-              f"{w.get('membership_job', 0):.0f} MB, ROC-job workers {w.get('attack_figures', 0):.0f} MB", flush=True)
+              f"{w.get('membership_job', 0):.0f} MB, ROC-job workers {_roc_peak(w):.0f} MB", flush=True)
     print()
     print(f"chunk of {args.chunk_examples} examples, local Ray of {args.cpus} CPUs, n_boot {args.n_boot}")
     print()
@@ -182,7 +200,7 @@ def scaling(tmp: str, args) -> None:
         print(f"| {models} | {shadows} | {examples} | {shadows * min(args.chunk_examples, examples) / 1e6:.2f} | "
               f"{shadows * train / 1e6:.2f} | {r['seconds']:.1f} | {r['maxrss_mb']:.0f} | "
               f"{w.get('membership_job', 0):.0f} | {max(w.get('read_job', 0), w.get('stat_job', 0)):.0f} | "
-              f"{w.get('attack_figures', 0):.0f} |")
+              f"{_roc_peak(w):.0f} |")
 
 
 def main() -> None:

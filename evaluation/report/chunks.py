@@ -33,16 +33,17 @@ from ..lira import lira_group_ssd, pooled_spreads
 from .membership import (MIN_SHADOWS, ChunkScores, ChunkSetup, Map, MembershipResult, chunk_scores, chunk_setup,
                          membership_from_chunks, serial_map, shadow_setup, stack_chunks, too_few_shadows, unscored)
 from .store_io import (ModelSet, RunContents, UnlearnedGroup, merge_nonfinite, model_set, read_membership, read_rows,
-                       read_selected)
+                       read_selected, verify_job)
 from .unlearning import FNullResult, MethodFigure, MethodModels, RetrainedPool, headline_f_null, method_section
 from .utility import accuracy_summary, cost_section
 
 __all__ = ["DEFAULT_CHUNK_EXAMPLES", "FORGET_EMPTY", "ExampleSelection", "select_examples", "chunk_ranges",
            "MembershipJob", "MembershipPart", "membership_job", "membership_by_chunks", "ReadJob", "ReadPart",
            "read_job", "stat_job", "stat_map", "MethodPart", "UnlearningResult", "unlearning_by_jobs", "peak_rss_mb",
-           "steady_heap", "serial_map"]
+           "steady_heap", "serial_map", "verify_by_jobs"]
 
 DEFAULT_CHUNK_EXAMPLES = 8192  # = farm.store's row group: a chunk reads whole row groups
+VERIFY_MODELS_PER_JOB = 16  # whole files checked per verify job: a few requests at once, a job of seconds
 FORGET_EMPTY = "the store's forget set is empty: no unlearning statistic can be computed"
 
 
@@ -58,8 +59,8 @@ def steady_heap() -> None:
     free top back to the system once it exceeds twice that; freeing an mmapped block raises the threshold to
     that block's size (up to 32 MiB). Until then, a job that allocates and frees arrays of a few MB in a loop
     (the epsilon searches, several per forget example; a chunk's per-example arrays) page-faults on every
-    allocation: the unlearning job of a 96-model store took 36.64 s in a fresh process (21.69 s of it system
-    time, 9.2 million page faults) and 10.14 s after this. Freeing one 24 MiB block raises the threshold at
+    allocation: the unlearning work of a 96-model store (then one job) took 36.64 s in a fresh process (21.69 s
+    of it system time, 9.2 million page faults) and 10.14 s after this. Freeing one 24 MiB block raises the threshold at
     once; with another allocator it is one allocation and one free. Changes no value computed."""
     block = np.empty(24 << 20, np.uint8)  # not touched: mmap and munmap, no page is written
     del block
@@ -202,6 +203,16 @@ def membership_by_chunks(run: RunContents, sel: ExampleSelection, *, chunk: int,
                                      rmia_gamma=rmia_gamma, map_jobs=map_jobs, cells_per_job=len(ids) * chunk,
                                      status=status)
     return MembershipResult({**header, **res.section}, res.curves, res.per_example, res.notes), nonfinite
+
+
+# ------------------------------------------------------------------------------------ --verify
+def verify_by_jobs(run: RunContents, map_jobs: Map = serial_map) -> None:
+    """``--verify``: every logits file the evaluation reads, read whole once and checked against its marker's
+    sha256, in jobs of VERIFY_MODELS_PER_JOB models (a StoreError naming the first that fails).  The jobs
+    after it read only the columns they use, each page against its CRC-32, as without it."""
+    ids = run.models_read()
+    map_jobs(verify_job, [(model_set(run, ids[i:i + VERIFY_MODELS_PER_JOB]),)
+                          for i in range(0, len(ids), VERIFY_MODELS_PER_JOB)])
 
 
 # ------------------------------------------------------------------------------------ unlearning

@@ -19,9 +19,10 @@ behind unlearning.headline_f_null and unlearning.method_section; utility), then 
 * utility (mean accuracy per split and role, from the markers) and cost (unlearning over retraining time).
 
 Models whose conf column holds NaN or infinite values are listed by model id and left out of every statistic.
-Memory: a membership job holds its chunk of examples of every shadow (float32), the driver the stacked
-per-example scores (float64, shadows x train examples, one array per attack) while it draws the ROC figures,
-and the unlearning read jobs only the forget and control examples.
+Memory: a membership job holds its chunk of examples of every shadow (float32), a ROC job a bucket of one
+attack's scores of about as many cells, the unlearning read jobs only the forget and control examples, and the
+driver the stacked per-example scores (float64, shadows x train examples, one array per attack) while it cuts
+them into the ROC jobs' buckets.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from ..competition import DELTA
 from .chunks import (DEFAULT_CHUNK_EXAMPLES, FORGET_EMPTY, ExampleSelection, membership_by_chunks, select_examples,
-                     unlearning_by_jobs)
+                     unlearning_by_jobs, verify_by_jobs)
 from .membership import FPRS, MIN_SHADOWS, MembershipResult, Map, serial_map
 from .render import figures, json_safe, markdown, safe_name
 from .store_io import ReportError, ReportWriter, RunContents, open_run, parquet_bytes
@@ -224,8 +225,9 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     the unlearning part to one method (its name, or ``<method>-<hparams hash>``).  ``max_examples``
     caps the forget examples (and each control sample) of the per-example unlearning statistics (a
     seeded sample; None = all).  ``n_boot`` is the number of draws behind the equal-count F and F_null.
-    ``rmia_a`` and ``rmia_gamma`` set RMIA's offline a and its threshold gamma.  ``verify`` reads whole logits
-    files against their markers' sha256 instead of only the columns used (each page against its CRC-32).
+    ``rmia_a`` and ``rmia_gamma`` set RMIA's offline a and its threshold gamma.  ``verify`` first reads every
+    logits file the evaluation uses whole, once, against its marker's sha256 (jobs of chunks.verify_by_jobs);
+    every read reads only the columns used, each page against its CRC-32.
     Returns the report as a dict, plus ``out`` and ``files``.
 
     The work runs as jobs (evaluation.report.chunks): membership jobs over chunks of ``chunk_examples``
@@ -241,8 +243,10 @@ def evaluate_store(uri: str, out: str | None = None, method: str | None = None, 
     """
     t0 = time.perf_counter()
     settings = ReportSettings(n_boot, max_examples, seed, rmia_a, rmia_gamma, method, chunk_examples)
-    run = open_run(uri, method, whole_file=verify)
+    run = open_run(uri, method)
     _check_enough_models(run)
+    if verify:
+        verify_by_jobs(run, map_chunks or serial_map)
     sel = select_examples(run.split, run.forget, max_examples, seed)
     output = ReportWriter(run.store, out)
     bar = tqdm(total=3 + len(run.groups), desc="ufarm evaluate", unit="stage", disable=not progress,

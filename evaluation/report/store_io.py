@@ -18,7 +18,7 @@ from farm.store import RunStore, StoreError
 
 __all__ = ["ReportError", "UnlearnedGroup", "RunContents", "Conf", "open_run", "unlearned_groups", "read_conf",
            "ReportWriter", "parquet_bytes", "nonfinite_entries", "merge_nonfinite", "ModelSet", "model_set", "Rows",
-           "read_rows", "read_selected", "read_membership"]
+           "read_rows", "read_selected", "read_membership", "verify_job"]
 
 UNLEARNED_ID = re.compile(r"^unlearned-(?P<method>.+)-(?P<hash>[^-]+)-(?P<index>\d+)$")
 
@@ -49,7 +49,12 @@ class RunContents:
     by_role: dict[str, list[str]]  # role -> sorted model ids
     groups: dict[str, UnlearnedGroup]  # the unlearned models asked for, by <method>-<hash>
     broken: list[str]  # models with a marker but a missing or truncated logits file
-    whole_file: bool = False  # read whole logits files against their sha256, not the used columns' pages
+
+    def models_read(self) -> list[str]:
+        """Every model an evaluation reads: the intact models of every role but the unlearned ones, which
+        count only in the groups asked for."""
+        ids = [m for role, ms in self.by_role.items() if role != "unlearned" for m in ms]
+        return sorted(ids + [m for g in self.groups.values() for m in g.model_ids])
 
 
 def unlearned_groups(markers: dict[str, dict]) -> dict[str, UnlearnedGroup]:
@@ -66,11 +71,9 @@ def unlearned_groups(markers: dict[str, dict]) -> dict[str, UnlearnedGroup]:
     return {key: UnlearnedGroup(key, *fields) for key, fields in found.items()}
 
 
-def open_run(uri: str, method: str | None = None, whole_file: bool = False) -> RunContents:
+def open_run(uri: str, method: str | None = None) -> RunContents:
     """Read what the run at ``uri`` holds; ``method`` (a method name or ``<method>-<hash>``) keeps that method's
-    unlearned models only; ``whole_file`` reads whole logits files against their sha256 (else only the
-    columns used, each page against its CRC-32).  Raises ReportError when ``uri`` is not a run store or has no
-    such method."""
+    unlearned models only.  Raises ReportError when ``uri`` is not a run store or has no such method."""
     store = RunStore(uri)
     store.check_reachable()
     manifest = store.read_manifest()
@@ -93,8 +96,7 @@ def open_run(uri: str, method: str | None = None, whole_file: bool = False) -> R
         example_ids=ex.column("example_id").to_numpy().astype(np.int64),
         split=np.asarray(ex.column("split").to_numpy(zero_copy_only=False)).astype(str),
         forget=np.asarray(ex.column("forget").to_numpy(zero_copy_only=False), dtype=bool),
-        markers=intact, by_role=by_role, groups=groups, broken=sorted(set(markers) - set(intact)),
-        whole_file=whole_file)
+        markers=intact, by_role=by_role, groups=groups, broken=sorted(set(markers) - set(intact)))
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def merge_nonfinite(parts: list[list[dict]]) -> list[dict]:
 
 def read_conf(run: RunContents, model_ids: list[str]) -> Conf:
     """RunStore.read_conf of ``model_ids``; models with NaN or infinite conf are listed and left out."""
-    sc = run.store.read_conf(model_ids=model_ids, whole_file=run.whole_file)
+    sc = run.store.read_conf(model_ids=model_ids)
     nonfinite = nonfinite_entries(sc.conf, sc.model_ids, sc.roles, run.example_ids)
     bad = {b["model_id"] for b in nonfinite}
     keep = [k for k, mid in enumerate(sc.model_ids) if mid not in bad]
@@ -155,15 +157,22 @@ def read_conf(run: RunContents, model_ids: list[str]) -> Conf:
 @dataclass(frozen=True)
 class ModelSet:
     """Some models of a run, as a worker opens them: the store's URI, their ids and their markers (from the
-    driver's catalog, so a worker reads no marker again) and whether whole files are read against their sha256."""
+    driver's catalog, so a worker reads no marker again)."""
     uri: str
     model_ids: list[str]
     markers: dict[str, dict]
-    whole_file: bool = False
 
 
 def model_set(run: RunContents, model_ids: list[str]) -> ModelSet:
-    return ModelSet(run.store.uri, list(model_ids), {m: run.markers[m] for m in model_ids}, run.whole_file)
+    return ModelSet(run.store.uri, list(model_ids), {m: run.markers[m] for m in model_ids})
+
+
+def verify_job(models: ModelSet) -> None:
+    """Every logits file of ``models`` read whole and checked against its marker's sha256
+    (RunStore.check_logits: a StoreError naming the first model that fails)."""
+    store = RunStore(models.uri)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # on S3 each file is a request; a few at once
+        list(pool.map(lambda mid: store.check_logits(mid, models.markers[mid]), models.model_ids))
 
 
 @dataclass(frozen=True)
@@ -177,10 +186,8 @@ class Rows:
 
 def read_rows(models: ModelSet, start: int, stop: int, trained_on: bool = True) -> Rows:
     """Examples [start, stop) of every model of ``models``: only the row groups that hold them, and only the
-    columns used, conf and (``trained_on``) trained_on, each page against its CRC-32, or whole files
-    against their sha256 (``whole_file``)."""
-    sc = RunStore(models.uri).read_conf(model_ids=models.model_ids, whole_file=models.whole_file,
-                                        examples=(start, stop), markers=models.markers,
+    columns used, conf and (``trained_on``) trained_on, each page against its CRC-32."""
+    sc = RunStore(models.uri).read_conf(model_ids=models.model_ids, examples=(start, stop), markers=models.markers,
                                         flags=("trained_on",) if trained_on else ())
     return Rows(sc.conf, sc.trained_on, nonfinite_entries(sc.conf, sc.model_ids, sc.roles, sc.example_ids))
 
@@ -216,7 +223,7 @@ def read_membership(run: RunContents, model_ids: list[str]) -> np.ndarray:
 
     def load(k_mid):
         k, mid = k_mid
-        t = run.store.read_logits(mid, run.markers[mid], columns=["trained_on"], whole_file=run.whole_file)
+        t = run.store.read_logits(mid, run.markers[mid], columns=["trained_on"])
         col = t.column("trained_on").to_numpy(zero_copy_only=False)
         if col.size != n_e * n_q:
             raise StoreError(f"model {mid}: logits file has {col.size} rows, the run has {n_e} x {n_q}")

@@ -33,6 +33,9 @@ from .lease import StoreLease
 
 log = logging.getLogger("ufarm")
 READ_THREADS = min(16, 2 * (os.cpu_count() or 1))  # Arrow and hashlib release the GIL
+# Bytes read from a file's end for its footer in one request (a longer footer takes one more): Parquet's own
+# reader takes 64 KiB, more than a chunk's columns of a small file; 70,000 examples' footer is 4.4 KB.
+FOOTER_TAIL = 8 << 10
 
 
 class RunStore(StoreFiles):
@@ -337,18 +340,30 @@ class RunStore(StoreFiles):
             raise StoreError(f"model {model_id}: its marker {problem}")
         if verify and columns is not None and not whole_file and marker.get("page_checksums") is True:
             return self._read_columns(model_id, rel, marker, columns, rows)
-        data = self.read_bytes(rel)
-        if verify:
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != marker["sha256"]:
-                raise StoreError(f"model {model_id}: logits file {rel} fails its checksum "
-                                 f"(marker {marker['sha256'][:12]}, file {digest[:12]}); `ufarm run` retrains it")
+        data = self._checked_logits(model_id, rel, marker) if verify else self.read_bytes(rel)
         # one thread per file: callers read many files from a thread pool, which parallelises better
         try:
             pf = pq.ParquetFile(pa.BufferReader(data))
             return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
         except pa.ArrowException as exc:
             raise StoreError(f"model {model_id}: logits file {rel} is not readable ({first_line(exc)})") from None
+
+    def check_logits(self, model_id: str, marker: dict) -> None:
+        """Read the model's whole logits file and check it against the marker's sha256 (a StoreError naming
+        the model otherwise), as every whole-file read does; `ufarm evaluate --verify` runs it once per model."""
+        rel = f"logits/{check_model_id(model_id)}.parquet"
+        problem = marker_problem(model_id, marker)
+        if problem:
+            raise StoreError(f"model {model_id}: its marker {problem}")
+        self._checked_logits(model_id, rel, marker)
+
+    def _checked_logits(self, model_id: str, rel: str, marker: dict):
+        data = self.read_bytes(rel)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != marker["sha256"]:
+            raise StoreError(f"model {model_id}: logits file {rel} fails its checksum "
+                             f"(marker {marker['sha256'][:12]}, file {digest[:12]}); `ufarm run` retrains it")
+        return data
 
     def _read_columns(self, model_id: str, rel: str, marker: dict, columns: list[str],
                       rows: tuple[int, int] | None) -> tuple[pa.Table, int]:
@@ -357,13 +372,14 @@ class RunStore(StoreFiles):
                 if fh.size() != marker["bytes"]:
                     raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
                                      f"{marker['bytes']}; `ufarm run` retrains it")
-                pf = pq.ParquetFile(fh, page_checksum_verification=True)
+                pf = pq.ParquetFile(fh, metadata=_footer(fh, marker["bytes"]), page_checksum_verification=True)
                 return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
         try:
             return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
         except FileNotFoundError:
             raise StoreError(f"model {model_id}: logits file {rel} does not exist; `ufarm run` retrains it") from None
-        except (pa.ArrowException, OSError) as exc:  # a page whose CRC-32 fails, or a file Parquet cannot read
+        except (pa.ArrowException, OSError, ValueError) as exc:  # a page whose CRC-32 fails, or a file Parquet
+            # cannot read
             raise StoreError(f"model {model_id}: logits file {rel} fails its page checksums or is not readable "
                              f"({first_line(exc)}); `ufarm run --verify` retrains it") from None
 
@@ -444,6 +460,25 @@ class RunStore(StoreFiles):
             out[mid] = {**record, "model_id": mid, "error": error if isinstance(error, str) else "unknown error"}
         self._warn_damaged(damaged)
         return out
+
+
+def _footer(fh, size: int) -> pq.FileMetaData:
+    """The metadata of the Parquet file open as ``fh`` (``size`` bytes), from its footer alone: the last
+    FOOTER_TAIL bytes, and the rest of a longer footer in a second read.  A file ends with the footer, its
+    length (4 bytes, little-endian) and b"PAR1"; the footer with that end and a leading b"PAR1" parses as a
+    file of its own (the column chunks' offsets in it are the real file's)."""
+    tail_size = min(size, FOOTER_TAIL)
+    fh.seek(size - tail_size)
+    tail = fh.read(tail_size)
+    if len(tail) != tail_size or tail_size < 12 or tail[-4:] != b"PAR1":
+        raise ValueError("no Parquet footer at the file's end")
+    n = int.from_bytes(tail[-8:-4], "little")
+    if n + 12 > size:
+        raise ValueError(f"a footer of {n} bytes does not fit in the file's {size}")
+    if n + 8 > tail_size:
+        fh.seek(size - 8 - n)
+        tail = fh.read(n + 8 - tail_size) + tail
+    return pq.ParquetFile(pa.BufferReader(b"PAR1" + tail[-(n + 8):])).metadata
 
 
 def _example_range(examples: tuple[int, int] | slice | None, n_e: int) -> tuple[int, int]:
