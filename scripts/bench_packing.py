@@ -14,14 +14,23 @@ predict phases of a stacked worker run its K models at once (rates count K x ima
 one model (methods run one at a time, through farm.train.loops.make_loader's batch-gathering loader).
 With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (28x28x1, batch 256).
 
+Two more levers, measured rather than assumed: --memory-formats channels_last (the weights and the images in
+NHWC; stacked ResNet-18s convert their stacked network, stacked small CNNs are skipped: their weights are
+plain tensors for farm.train.stacked_cnn's kernels) and --compile on (torch.compile of the K=1 model, used by
+every phase; its compile time falls in an untimed warm-up, printed as "compile+warm-up").
+
     python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
     python scripts/bench_packing.py --procs 1 4 --stack 1 4 16 --precisions bf16   # packing x stacking
+    python scripts/bench_packing.py --procs 1 --precisions bf16 fp32 --memory-formats contiguous channels_last \
+        --compile off on --images 12288                  # the K=1 levers: memory format x torch.compile
     python scripts/bench_packing.py --procs 1 2 --stack 1 2 --images 256 --precisions fp32   # smoke test, CPU
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
+import traceback
 
 import numpy as np
 
@@ -33,7 +42,18 @@ SHAPES = {"resnet18": dict(channels=3, size=32, batch=128, augment=True, width=1
           "small-cnn": dict(channels=1, size=28, batch=256, augment=False, width=32)}
 
 
-def worker(rank: int, arch: str, n: int, precision: str, stack: int, barrier, queue) -> None:
+def worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_format: str, compile_: str,
+           barrier, queue) -> None:
+    try:
+        queue.put(run_worker(rank, arch, n, precision, stack, memory_format, compile_, barrier))
+    except Exception as exc:  # reported to measure(), which waits for one message per worker, and not hung on
+        traceback.print_exc()
+        queue.put(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}")
+        barrier.abort()  # the other workers stop waiting at their next phase
+
+
+def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_format: str, compile_: str,
+               barrier) -> tuple[dict, float]:
     import torch
 
     from farm.train.methods import get_method
@@ -56,6 +76,15 @@ def worker(rank: int, arch: str, n: int, precision: str, stack: int, barrier, qu
               for _ in range(stack)]
     model = models[0]
     stacked = StackedModels(models) if stack > 1 else None
+    if memory_format == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)  # every phase reads its batches from here
+        # in place (the parameters stay the same objects, so the stacked models' parameter dict still holds them);
+        # a stacked ResNet-18's weights live in its StackedNet of grouped convolutions
+        for m in [model] + ([stacked.net] if stacked is not None else []):
+            m.to(memory_format=torch.channels_last)
+    # static shapes: one graph per batch shape (full batches, a last partial one), each compiled in the warm-up,
+    # rather than a dynamic-shape graph
+    net = torch.compile(model, dynamic=False) if compile_ == "on" else model
     gens = [torch.Generator().manual_seed(rank * 1000 + k) for k in range(stack)]
     finetune = get_method("finetune").fn
     queries = ("plain", "hflip")
@@ -65,36 +94,42 @@ def worker(rank: int, arch: str, n: int, precision: str, stack: int, barrier, qu
         if phase == "train" and stacked is not None:
             train_stacked(stacked, images, labels, [idx] * stack, cfg, gens)
         elif phase == "train":
-            train_model(model, images, labels, idx, cfg, gen)
+            train_model(net, images, labels, idx, cfg, gen)
         elif phase == "finetune":
-            finetune(model, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
+            finetune(net, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
                      epochs=1)
         elif stacked is not None:
             predict_stacked_chunks(stacked, images[:count], queries, max(1, cfg.eval_batch_size // stack), precision)
         else:
-            predict_logits(model, images[:count], queries, cfg.eval_batch_size, precision)
+            predict_logits(net, images[:count], queries, cfg.eval_batch_size, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for phase in PHASES:  # warm-up: kernels chosen, allocator grown
-        run(phase, min(n, 512))
+    # warm-up: kernels chosen, allocator grown. A compiled module compiles a graph for every new batch shape
+    # (the last partial batch, the last predict chunk), so it warms up on all n: no compiling in a timed phase
+    t0 = time.time()
+    for phase in PHASES:
+        run(phase, n if net is not model else min(n, 512))
+    warm_s = time.time() - t0
     times = {}
     for phase in PHASES:
         barrier.wait()
         t0 = time.time()
         run(phase, n)
         times[phase] = (t0, time.time())
-    queue.put(times)
+    return times, warm_s
 
 
-def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1) -> dict[str, float]:
+def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1, memory_format: str = "contiguous",
+            compile_: str = "off") -> tuple[dict[str, float], float]:
     """Aggregate images per second per phase for `procs` processes sharing the device, each training `stack`
-    models at once (train and predict count every model's images)."""
+    models at once (train and predict count every model's images), and the slowest worker's warm-up seconds."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
-    ps = [ctx.Process(target=worker, args=(r, arch, n, precision, stack, barrier, queue)) for r in range(procs)]
+    ps = [ctx.Process(target=worker, args=(r, arch, n, precision, stack, memory_format, compile_, barrier, queue))
+          for r in range(procs)]
     for p in ps:
         p.start()
     results = [queue.get() for _ in ps]
@@ -102,9 +137,18 @@ def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1) -> di
         p.join()
         if p.exitcode:
             raise SystemExit(f"a worker exited with {p.exitcode}")
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        raise SystemExit(errors[0])  # the first to fail; the others only saw the barrier broken
     models = {"train": stack, "finetune": 1, "predict": stack}
-    return {ph: procs * models[ph] * n / (max(r[ph][1] for r in results) - min(r[ph][0] for r in results))
-            for ph in PHASES}
+    rates = {ph: procs * models[ph] * n / (max(r[ph][1] for r, _ in results) - min(r[ph][0] for r, _ in results))
+             for ph in PHASES}
+    return rates, max(w for _, w in results)
+
+
+def label(key: tuple) -> str:
+    precision, p, k, memory_format, compile_ = key
+    return f"{precision} P={p} K={k} {memory_format} compile={compile_}"
 
 
 def main() -> None:
@@ -118,35 +162,46 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--arch", choices=sorted(SHAPES), default="resnet18")
     ap.add_argument("--stack", type=int, nargs="+", default=[1], help="models stacked per process (K)")
+    ap.add_argument("--memory-formats", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"])
+    ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
+                    help="torch.compile the model (K=1 only)")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
     print(f"device: {device}, torch {torch.__version__}; {args.arch}, batch {SHAPES[args.arch]['batch']}, "
           f"{args.images} images per process")
     rates = {}
-    for precision in args.precisions:
-        for p in args.procs:
-            for k in args.stack:
-                try:
-                    rates[precision, p, k] = r = measure(args.arch, p, args.images, precision, k)
-                except SystemExit as exc:  # e.g. out of memory at a large K: the other settings still count
-                    print(f"  {precision:<5} P={p} K={k}: failed ({exc})", flush=True)
-                    continue
-                print(f"  {precision:<5} P={p} K={k}: train {r['train']:8.0f} img/s | finetune (batch loader) "
-                      f"{r['finetune']:8.0f} img/s | predict x2 queries {r['predict']:8.0f} img/s", flush=True)
-    base = (args.procs[0], args.stack[0])
-    for precision in args.precisions:
-        if (precision, *base) not in rates:
+    for key in itertools.product(args.precisions, args.procs, args.stack, args.memory_formats, args.compile):
+        precision, p, k, memory_format, compile_ = key
+        name = f"{label(key):<42}"
+        if k > 1 and compile_ == "on":
+            print(f"  {name}: skipped (torch.compile is measured for one model at a time, K=1)", flush=True)
             continue
-        one = rates[precision, *base]["train"]
-        print(f"  {precision}: train rate vs P={base[0]} K={base[1]}: " + ", ".join(
-            f"P={p} K={k} {r['train'] / one:.2f}x" for (pr, p, k), r in rates.items() if pr == precision))
+        if k > 1 and memory_format == "channels_last" and args.arch == "small-cnn":
+            print(f"  {name}: skipped (stacked small CNNs run farm.train.stacked_cnn's kernels on plain weight "
+                  f"tensors, no module to convert)", flush=True)
+            continue
+        try:
+            r, warm_s = measure(args.arch, p, args.images, precision, k, memory_format, compile_)
+        except SystemExit as exc:  # e.g. out of memory at a large K: the other settings still count
+            print(f"  {name}: failed ({exc})", flush=True)
+            continue
+        rates[key] = r
+        compiled = f" | compile+warm-up {warm_s:.1f} s" if compile_ == "on" else ""
+        print(f"  {name}: train {r['train']:8.0f} img/s | finetune (batch loader) {r['finetune']:8.0f} img/s | "
+              f"predict x2 queries {r['predict']:8.0f} img/s{compiled}", flush=True)
+    if not rates:  # every setting failed or was skipped
+        return
+    base, *others = rates
+    print(f"  train rate vs {label(base)}:")
+    for key in others:
+        print(f"    {label(key):<42} {rates[key]['train'] / rates[base]['train']:.2f}x")
 
     if args.arch != "resnet18":
         # the fashion-mnist preset's shadow: 5 epochs on 30,000 images, then predicting 70,000 (x2 queries)
         per_model = {key: 5 * 30_000 / r["train"] + 70_000 / r["predict"] for key, r in rates.items()}
-        (pr, p, k), best = min(per_model.items(), key=lambda kv: kv[1])
+        key, best = min(per_model.items(), key=lambda kv: kv[1])
         print(f"  one fashion-mnist shadow (5 epochs x 30,000 + predicting 70,000): {best:.3f} GPU-s at the best "
-              f"packing measured ({pr}, P={p}, K={k})")
+              f"setting measured ({label(key)})")
         return
     # GPU-hours of the preset's evaluation set (retrained + unlearned models), from the best measured packing
     spec = load_spec("cifar10-resnet18")
@@ -154,17 +209,17 @@ def main() -> None:
     method = spec.unlearn[0]
     n_retrain, n_unlearned = spec.count("retrain"), method.count
     for precision in args.precisions:
-        mine = {(p, k): r for (pr, p, k), r in rates.items() if pr == precision}
+        mine = {key: r for key, r in rates.items() if key[0] == precision}
         if not mine:
             continue
-        best_p, best_k = max(mine, key=lambda pk: mine[pk]["train"])
-        r = mine[best_p, best_k]
+        best = max(mine, key=lambda key: mine[key]["train"])
+        r = mine[best]
         fine = max(mine.values(), key=lambda m: m["finetune"])["finetune"]  # finetunes pack without stacking
         predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]
         retrain_s = spec.training.epochs * retain / r["train"] + predict_s
         unlearn_s = method.hparams.get("epochs", 1) * retain / fine + predict_s
         hours = (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600
-        print(f"  sizing ({precision}, P={best_p} K={best_k} per GPU): one retrain ({spec.training.epochs} epochs x {retain} "
+        print(f"  sizing ({label(best)} per GPU): one retrain ({spec.training.epochs} epochs x {retain} "
               f"images + predicting {CIFAR_TRAIN + CIFAR_TEST}) {retrain_s:.1f} GPU-s; one {method.method} "
               f"({method.hparams.get('epochs', 1)} epochs) {unlearn_s:.1f} GPU-s; {n_retrain} + {n_unlearned} "
               f"models: {hours:.2f} GPU-hours")

@@ -10,6 +10,8 @@
 # deterministic kernels, the deterministic layouts' step and the packing figures. PART=compile (210 s): the
 # batched-products profile and torch.compile timings. PART=resnet (540 s): ResNet-18 on CIFAR-shaped data,
 # P processes per GPU x K models stacked per process, and the GPU-hours of the 512 + 512 set at the best.
+# PART=levers (540 s): ResNet-18 one model at a time (P=1, K=1), bf16 and fp32 x contiguous and channels_last
+# x torch.compile off and on (12288 images: whole batches and predict chunks, so no partial-batch graphs).
 set -u
 DATA=${DATA:-data/fashion-mnist}
 OUT=${OUT:-.}
@@ -30,9 +32,11 @@ elif [ "$PART" = more ]; then
   step packing-resnet18 120 $PY scripts/bench_packing.py --precisions bf16 --images 12800 ${PACKING_ARGS:-}
 elif [ "$PART" = resnet ]; then
   step resnet-stack 540 $PY scripts/bench_packing.py --precisions bf16 --images 12800 --procs 1 4 --stack 1 4 16 ${PACKING_ARGS:-}
+elif [ "$PART" = levers ]; then
+  step levers 540 $PY scripts/bench_packing.py --procs 1 --stack 1 --precisions bf16 fp32 --memory-formats contiguous channels_last --compile off on --images 12288 ${PACKING_ARGS:-}
 elif [ "$PART" = compile ]; then
   step step-bmm 60 $PY scripts/bench_stacked_step.py --layouts bmm --precisions bf16 --kernels autotuned --profile
   step step-compiled 150 $PY scripts/bench_stacked_step.py --layouts grouped bmm --precisions bf16 --kernels autotuned --compile --profile
 else
-  echo "gpu_check: PART must be target, more, resnet or compile, got $PART" >&2; exit 2
+  echo "gpu_check: PART must be target, more, resnet, levers or compile, got $PART" >&2; exit 2
 fi
