@@ -7,9 +7,9 @@ Default: the 256-model x 70,000-example store of bench_evaluate_store.py (192 sh
 unlearned; 60,000 train examples, 500 of them forget, 10,000 test; 2 queries).  Each evaluation runs in a
 fresh child process so that its peak memory is its own (ru_maxrss): the single process (evaluate_store as
 `ufarm evaluate` runs it by default), then the distributed one on a local Ray of --cpus CPUs started in its
-child (the Ray start is timed apart).  Every Ray task also returns its own peak memory.  Checks that the
-two reports are identical (report.json but its seconds, per-example Parquet tables, figures) and prints the
-ratio of the times.
+child (the Ray start is timed apart).  Every Ray task also returns its own peak memory (_with_peak).  Checks
+that the two reports are identical (report.json but its seconds, per-example Parquet tables, figures) and
+prints the ratio of the times.
 
 --scaling: stores whose models and examples double alternately (e.g. 32 x 8,750 -> 32 x 17,500 -> 64 x 17,500
 -> ... -> 256 x 70,000), each evaluated on Ray in a fresh child: time, the driver's peak and the workers'
@@ -53,23 +53,28 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(ln.split()[1]) for ln in fh if ln.startswith(field + ":")) / 1024
+
+
 def _with_peak(fn):
     """fn, returning also its worker's peak memory during the job and its pid (pickled by value: this script is
-    __main__).  The peak is the job's own where Linux lets a process reset its high-water mark (writing 5 to
-    /proc/self/clear_refs, then VmHWM): a worker runs jobs of every kind, and its lifetime peak (ru_maxrss,
-    the fallback) would charge each kind with the largest job the worker ran before it."""
+    __main__).  Where Linux lets a process reset its high-water mark (writing 5 to /proc/self/clear_refs), the
+    peak is the job's own: VmHWM during the job, less the pages of Ray's shared object store the worker had
+    mapped when the job began (RssShmem: earlier jobs' results and arguments, which Linux counts in every
+    worker that touched them; Ray's own measure of a worker's memory is RSS - SHR).  Otherwise the worker's
+    lifetime peak (ru_maxrss), which charges each kind of job with the largest the worker ran before it."""
     def run(*args):
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
-            own = True
-        except OSError:
-            own = False
+            shared = _status_mb("RssShmem")
+        except (OSError, StopIteration):
+            shared = None
         out = fn(*args)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if own:
-            with open("/proc/self/status") as fh:
-                peak = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:")) / 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if shared is None else \
+            _status_mb("VmHWM") - shared
         return out, peak, os.getpid()
     return run
 
