@@ -197,6 +197,21 @@ def test_ray_tasks_get_the_settings_but_no_credentials(ray_address, monkeypatch)
     assert not set(SECRET_ENV) & set(env) and "secret-value-never-forwarded" not in repr(options)
 
 
+def _count_store_reads(monkeypatch) -> list[CountingFS]:
+    """Every RunStore the evaluation opens (evaluation.report.store_io's) counts the bytes it reads into a
+    CountingFS of the returned list."""
+    counters = []
+
+    class Counted(RunStore):
+        def __init__(self, uri):
+            super().__init__(uri)
+            self.fs = CountingFS()
+            counters.append(self.fs)
+
+    monkeypatch.setattr("evaluation.report.store_io.RunStore", Counted)
+    return counters
+
+
 def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
     uri = str(tmp_path / "run")
     n_e = 4 * ROW_GROUP_EXAMPLES
@@ -215,15 +230,7 @@ def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
     mds = [pq.ParquetFile(os.path.join(uri, "logits", f"{m}.parquet")).metadata for m in ids]
     used = [sum(md.row_group(g).column(i).total_compressed_size for md in mds for i in range(md.num_columns)
                 if md.row_group(g).column(i).path_in_schema in ("conf", "trained_on")) for g in range(4)]
-    counters = []
-
-    class Counted(RunStore):
-        def __init__(self, uri):
-            super().__init__(uri)
-            self.fs = CountingFS()
-            counters.append(self.fs)
-
-    monkeypatch.setattr("evaluation.report.store_io.RunStore", Counted)
+    counters = _count_store_reads(monkeypatch)
 
     def job_bytes(start, stop):
         counters.clear()
@@ -246,15 +253,7 @@ def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
 def test_verify_reads_each_file_whole_once_and_names_a_damaged_one(stores, tmp_path, monkeypatch):
     uri = str(tmp_path / "run")
     shutil.copytree(stores["global"], uri)
-    counters = []
-
-    class Counted(RunStore):
-        def __init__(self, uri):
-            super().__init__(uri)
-            self.fs = CountingFS()
-            counters.append(self.fs)
-
-    monkeypatch.setattr("evaluation.report.store_io.RunStore", Counted)
+    counters = _count_store_reads(monkeypatch)
 
     def evaluate(name: str, verify: bool) -> int:
         counters.clear()
