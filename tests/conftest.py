@@ -100,6 +100,40 @@ def ufarm(*args, env=None, timeout=300, **kw) -> subprocess.CompletedProcess:
                           env=full_env, timeout=timeout, cwd=kw.get("cwd", REPO))
 
 
+def report_files(folder: str) -> dict:
+    """A report folder's files as compared across runs: report.json without its seconds, report.md without
+    its "computed in" line, Parquet files as tables, the rest as bytes."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        if name == "report.json":
+            out[name] = {k: v for k, v in json.loads(data).items() if k != "seconds"}
+        elif name == "report.md":
+            out[name] = [line for line in data.decode().splitlines() if "computed in" not in line]
+        elif name.endswith(".parquet"):
+            out[name] = pq.read_table(pa.BufferReader(data))
+        else:
+            out[name] = data
+    return out
+
+
+def assert_same_report(a: dict, b: dict):
+    """Two report_files are the same to the bit, file by file."""
+    import pyarrow as pa
+
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if isinstance(a[name], pa.Table):
+            assert a[name].equals(b[name]), name
+        else:
+            assert a[name] == b[name], name
+
+
 class CountingFS:
     """The local file system, counting the bytes handed out by the files opened with open_input_file (the one
     call a projected read makes); every other call goes to the local file system."""

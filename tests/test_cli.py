@@ -16,7 +16,7 @@ import yaml
 
 from farm.cli import main
 from farm.store import RunStore
-from tests.conftest import REPO, TINY_SPEC, ufarm
+from tests.conftest import REPO, TINY_SPEC, assert_same_report, report_files, ufarm
 
 
 def _conf_bytes(uri):
@@ -49,6 +49,14 @@ def test_demo_end_to_end(demo_store):
     assert "evaluation (ufarm evaluate):" in stdout and "LiRA online: AUC " in stdout
     assert "32 models from 32 originals): F/F_null at " in stdout
     assert (store / "report" / "report.md").exists()
+
+
+def test_demo_store_evaluates_on_ray_to_the_single_process_report(demo_store, ray_address, tmp_path):
+    store, _ = demo_store  # the demo wrote <store>/report/ with the single process's evaluation
+    r = ufarm("evaluate", "--store", store, "--out", tmp_path / "ray", "--executor", "ray", "--chunk-examples", "256",
+              "--no-progress", env={"RAY_ADDRESS": ray_address}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert_same_report(report_files(str(tmp_path / "ray")), report_files(str(store / "report")))
 
 
 def test_run_resume_and_determinism(ray_address, tiny_spec_file, tmp_path):

@@ -1,12 +1,10 @@
 """evaluate_store by chunks of examples: any chunk size, and Ray tasks instead of the in-process map, give the
 report of a single chunk to the bit (report.json but its seconds, the per-example Parquet tables, the figures);
 a membership job reads only its rows."""
-import json
 import os
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,7 +16,7 @@ from farm.cli import main
 from farm.store import RunStore, StoreError, examples_table, logits_table, run_store
 from farm.store.layout import ROW_GROUP_EXAMPLES
 from synthetic_store import build_store
-from tests.conftest import CountingFS, ufarm
+from tests.conftest import CountingFS, assert_same_report, report_files, ufarm
 
 ONE_CHUNK = 10 ** 9
 UNLEARNED_NAN = "unlearned-nullmethod-0000beef-00002"
@@ -79,31 +77,6 @@ def stores(tmp_path_factory):
     return out
 
 
-def _files(folder: str) -> dict:
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        data = open(os.path.join(folder, name), "rb").read()
-        if name == "report.json":
-            rep = json.loads(data)
-            out[name] = {k: v for k, v in rep.items() if k != "seconds"}
-        elif name == "report.md":
-            out[name] = [line for line in data.decode().splitlines() if "computed in" not in line]
-        elif name.endswith(".parquet"):
-            out[name] = pq.read_table(pa.BufferReader(data))
-        else:
-            out[name] = data
-    return out
-
-
-def _assert_same(a: dict, b: dict):
-    assert sorted(a) == sorted(b)
-    for name in a:
-        if isinstance(a[name], pa.Table):
-            assert a[name].equals(b[name]), name
-        else:
-            assert a[name] == b[name], name
-
-
 @pytest.fixture(scope="module")
 def one_chunk(stores, tmp_path_factory):
     """Every store evaluated in one chunk, in this process."""
@@ -111,14 +84,14 @@ def one_chunk(stores, tmp_path_factory):
     out = {}
     for name, uri in stores.items():
         evaluate_store(uri, out=str(root / name), chunk_examples=ONE_CHUNK, **KW)
-        out[name] = _files(str(root / name))
+        out[name] = report_files(str(root / name))
     return out
 
 
 @pytest.mark.parametrize("name", ["global", "per_example", "nan_shadow"])
 def test_small_chunks_give_the_report_of_one_chunk(stores, one_chunk, name, tmp_path):
     rep = evaluate_store(stores[name], out=str(tmp_path / "r"), chunk_examples=100, **KW)
-    _assert_same(_files(str(tmp_path / "r")), one_chunk[name])
+    assert_same_report(report_files(str(tmp_path / "r")), one_chunk[name])
     lira = rep["lira"]
     if name == "global":
         assert lira["variance"] == "global" and [b["model_id"] for b in rep["nonfinite"]] == ["original-00002"]
@@ -145,7 +118,7 @@ def test_ray_tasks_give_the_report_of_one_process(stores, one_chunk, ray_address
         return ray_map()(fn, args)
 
     evaluate_store(stores["per_example"], out=str(tmp_path / "ray"), map_chunks=recording, chunk_examples=200, **KW)
-    _assert_same(_files(str(tmp_path / "ray")), one_chunk["per_example"])
+    assert_same_report(report_files(str(tmp_path / "ray")), one_chunk["per_example"])
     assert ("membership_job", 4) in seen and ("read_job", 2) in seen
     # each attack's ROC in buckets of about a membership job's cells (64 shadows x 200 examples, of 500 train), and
     # RMIA's counts in blocks of as many cells (3 blocks of targets)
@@ -163,7 +136,7 @@ def test_ray_tasks_open_an_s3_store_by_its_uri(ray_address, bucket, tmp_path):
                 gap=0.7, n_q=1, seed=8)
     evaluate_store(uri, out=str(tmp_path / "here"), chunk_examples=ONE_CHUNK, **KW)
     evaluate_store(uri, out=str(tmp_path / "ray"), map_chunks=ray_map(), chunk_examples=150, **KW)
-    _assert_same(_files(str(tmp_path / "ray")), _files(str(tmp_path / "here")))
+    assert_same_report(report_files(str(tmp_path / "ray")), report_files(str(tmp_path / "here")))
 
 
 def test_cli_executor_ray_gives_the_report_of_one_process(stores, one_chunk, ray_address, tmp_path):
@@ -171,7 +144,7 @@ def test_cli_executor_ray_gives_the_report_of_one_process(stores, one_chunk, ray
               "--n-boot", "4", "--no-progress", env={"RAY_ADDRESS": ray_address})
     assert r.returncode == 0, r.stderr
     assert "LiRA online: AUC" in r.stdout
-    _assert_same(_files(str(tmp_path / "cli")), one_chunk["global"])
+    assert_same_report(report_files(str(tmp_path / "cli")), one_chunk["global"])
 
 
 def test_ray_tasks_get_the_settings_but_no_credentials(ray_address, monkeypatch):
@@ -261,7 +234,7 @@ def test_verify_reads_each_file_whole_once_and_names_a_damaged_one(stores, tmp_p
         return sum(c.read for c in counters)
 
     plain, verified = evaluate("plain", False), evaluate("verified", True)
-    _assert_same(_files(str(tmp_path / "verified")), _files(str(tmp_path / "plain")))
+    assert_same_report(report_files(str(tmp_path / "verified")), report_files(str(tmp_path / "plain")))
     logits = os.path.join(uri, "logits")
     assert verified - plain == sum(os.path.getsize(os.path.join(logits, f)) for f in os.listdir(logits))
 
