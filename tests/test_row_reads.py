@@ -130,6 +130,31 @@ def test_a_footer_longer_than_the_tail_takes_a_second_read(tmp_path, monkeypatch
     np.testing.assert_array_equal(got.trained_on, want.trained_on)
 
 
+def test_a_footer_read_once_serves_every_range(tmp_path):
+    n_e = 3 * ROW_GROUP_EXAMPLES
+    _, markers = _store(tmp_path / "run", n_e, n_models=2)
+    store = RunStore(str(tmp_path / "run"))
+    footers = {mid: store.read_footer(mid, mk) for mid, mk in markers.items()}
+    for start, stop in [(0, 10), (ROW_GROUP_EXAMPLES - 5, 2 * ROW_GROUP_EXAMPLES + 5), (0, n_e)]:
+        want = RunStore(str(tmp_path / "run")).read_conf(examples=(start, stop))
+        reader = RunStore(str(tmp_path / "run"))
+        reader.fs = counter = CountingFS()
+        got = reader.read_conf(examples=(start, stop), footers=footers, markers=markers)
+        np.testing.assert_array_equal(got.conf, want.conf)
+        np.testing.assert_array_equal(got.trained_on, want.trained_on)
+        # no footer read: only the pages of the row groups that hold the range (and the manifest)
+        md = pq.ParquetFile(str(tmp_path / "run" / "logits" / "shadow-00000.parquet")).metadata
+        groups, _ = row_groups_covering([md.row_group(i).num_rows for i in range(md.num_row_groups)],
+                                        start * N_Q, stop * N_Q)
+        pages = 2 * sum(md.row_group(g).column(i).total_compressed_size for g in groups
+                        for i in range(md.num_columns) if md.row_group(g).column(i).path_in_schema in COLS)
+        manifest = (tmp_path / "run" / "manifest.json").stat().st_size
+        assert pages <= counter.read <= pages + manifest + 2 * 8192 * (len(groups) - 1)
+    marker = markers["shadow-00000"]
+    with pytest.raises(StoreError, match="shadow-00000: logits file .* has .* bytes, its marker"):
+        store.read_footer("shadow-00000", {**marker, "bytes": marker["bytes"] + 1})
+
+
 @pytest.mark.parametrize("damage", ["magic", "length"])
 def test_a_damaged_footer_end_is_one_line_naming_the_model(tmp_path, damage):
     _store(tmp_path / "run", ROW_GROUP_EXAMPLES, n_models=1)

@@ -3,7 +3,8 @@ workers (farm.run.evaluate_ray), with the same results to the bit.
 
 * Membership: the examples are cut into chunks of ``chunk_examples`` (row groups of the logits files hold
   8192 examples, so a chunk of that size reads whole row groups).  A job reads its chunk's rows of every
-  shadow (conf and trained_on only, each page against its CRC-32) and computes what is per example:
+  shadow (conf and trained_on only, each page against its CRC-32; the files' footers, which grow with their
+  row groups, are read once by the driver and shared by every job) and computes what is per example:
   the LiRA scores of every mode, RMIA's likelihood ratios, the vulnerability and its jackknife replicates,
   the Gaussian check's p-values (membership.chunk_scores).  What pools over examples is reduced by the
   driver: variance="global" first sends jobs that return each example's sums of squared deviations, which
@@ -32,8 +33,8 @@ import numpy as np
 from ..lira import lira_group_ssd, pooled_spreads
 from .membership import (MIN_SHADOWS, ChunkScores, ChunkSetup, Map, MembershipResult, chunk_scores, chunk_setup,
                          membership_from_chunks, serial_map, shadow_setup, stack_chunks, too_few_shadows, unscored)
-from .store_io import (ModelSet, RunContents, UnlearnedGroup, merge_nonfinite, model_set, read_membership, read_rows,
-                       read_selected, verify_job)
+from .store_io import (ModelSet, RunContents, UnlearnedGroup, merge_nonfinite, model_set, read_footers,
+                       read_membership, read_rows, read_selected, verify_job)
 from .unlearning import FNullResult, MethodFigure, MethodModels, RetrainedPool, headline_f_null, method_section
 from .utility import accuracy_summary, cost_section
 
@@ -124,10 +125,11 @@ class MembershipPart:
     peak_rss_mb: float = 0.0
 
 
-def membership_job(job: MembershipJob) -> MembershipPart:
-    """Read the chunk's rows of every shadow and compute what ``job.kind`` asks for."""
+def membership_job(job: MembershipJob, footers: dict[str, bytes] | None = None) -> MembershipPart:
+    """Read the chunk's rows of every shadow and compute what ``job.kind`` asks for.  ``footers``: the shadows'
+    files' footers (store_io.read_footers), one object that every chunk's job shares."""
     steady_heap()
-    rows = read_rows(job.shadows, job.start, job.stop)
+    rows = read_rows(job.shadows, job.start, job.stop, footers=footers)
     part = MembershipPart(rows.nonfinite)
     if not rows.nonfinite and job.kind != "scan":
         conf_tr = np.ascontiguousarray(rows.conf[:, job.train])
@@ -150,6 +152,7 @@ class _Plan:
     ranges: list[tuple[int, int]]
     rmia_a: float
     workers: int | None
+    footers: dict[str, bytes]  # read once by the driver; a map puts what every job shares once (Ray's ray_map)
 
     def jobs(self, ids: list[str], kind: str, setup=None, pooled=None) -> list[tuple]:
         shadows = model_set(self.run, ids)
@@ -159,7 +162,7 @@ class _Plan:
             z0, z1 = np.searchsorted(self.sel.test, [start, stop])
             cs = chunk_setup(setup, slice(t0, t1), pooled, self.rmia_a, self.workers) if kind == "scores" else None
             out.append((MembershipJob(shadows, start, stop, self.sel.train[t0:t1] - start, self.sel.test[z0:z1] - start,
-                                      kind, cs),))
+                                      kind, cs), self.footers))
         return out
 
 
@@ -172,8 +175,9 @@ def membership_by_chunks(run: RunContents, sel: ExampleSelection, *, chunk: int,
     if len(shadows) < MIN_SHADOWS:
         return too_few_shadows(header, len(shadows)), []
     status("reading the shadows' membership")
-    member_all = read_membership(run, shadows)[:, sel.train]
-    plan = _Plan(run, sel, chunk_ranges(len(run.split), chunk), rmia_a, workers)
+    footers = read_footers(model_set(run, shadows))
+    member_all = read_membership(run, shadows, footers)[:, sel.train]
+    plan = _Plan(run, sel, chunk_ranges(len(run.split), chunk), rmia_a, workers, footers)
     ids, nonfinite, pooled = list(shadows), [], None
     n_q = len(run.manifest["spec"]["queries"])
     while True:

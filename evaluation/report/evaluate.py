@@ -7,7 +7,8 @@ map_chunks, chunk_examples)``
 The pipeline, one step per function below: read what the run holds (store_io.open_run), choose the examples
 (select_examples), compute each section as jobs (chunks: membership by chunks of examples into
 membership.membership_from_chunks; the unlearning models read by jobs, whose forgetting scores run as jobs
-behind unlearning.headline_f_null and unlearning.method_section; utility), then render them (render: figures, report.md, report.json) and write the files (store_io.ReportWriter).
+behind unlearning.headline_f_null and unlearning.method_section; utility), then render them (render: figures,
+report.md, report.json) and write the files (store_io.ReportWriter).
 * membership: LiRA (online, offline, global) and RMIA over the shadows with leave-pair-out references,
   per-example vulnerability from within-pair comparisons with its chance level, a jackknife over target pairs
   and examples for every figure's precision (and the ROC band), LiRA's Gaussian check.

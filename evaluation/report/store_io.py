@@ -18,7 +18,7 @@ from farm.store import RunStore, StoreError
 
 __all__ = ["ReportError", "UnlearnedGroup", "RunContents", "Conf", "open_run", "unlearned_groups", "read_conf",
            "ReportWriter", "parquet_bytes", "nonfinite_entries", "merge_nonfinite", "ModelSet", "model_set", "Rows",
-           "read_rows", "read_selected", "read_membership", "verify_job"]
+           "read_rows", "read_selected", "read_membership", "verify_job", "read_footers"]
 
 UNLEARNED_ID = re.compile(r"^unlearned-(?P<method>.+)-(?P<hash>[^-]+)-(?P<index>\d+)$")
 
@@ -184,11 +184,21 @@ class Rows:
     nonfinite: list[dict]
 
 
-def read_rows(models: ModelSet, start: int, stop: int, trained_on: bool = True) -> Rows:
+def read_footers(models: ModelSet) -> dict[str, bytes]:
+    """Each model's logits file footer (RunStore.read_footer), read once for the many ranges read_rows reads."""
+    store = RunStore(models.uri)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # on S3 each read is a request
+        tails = list(pool.map(lambda mid: store.read_footer(mid, models.markers[mid]), models.model_ids))
+    return dict(zip(models.model_ids, tails))
+
+
+def read_rows(models: ModelSet, start: int, stop: int, trained_on: bool = True,
+              footers: dict[str, bytes] | None = None) -> Rows:
     """Examples [start, stop) of every model of ``models``: only the row groups that hold them, and only the
-    columns used, conf and (``trained_on``) trained_on, each page against its CRC-32."""
+    columns used, conf and (``trained_on``) trained_on, each page against its CRC-32; ``footers``
+    (read_footers) saves reading each file's footer again."""
     sc = RunStore(models.uri).read_conf(model_ids=models.model_ids, examples=(start, stop), markers=models.markers,
-                                        flags=("trained_on",) if trained_on else ())
+                                        flags=("trained_on",) if trained_on else (), footers=footers)
     return Rows(sc.conf, sc.trained_on, nonfinite_entries(sc.conf, sc.model_ids, sc.roles, sc.example_ids))
 
 
@@ -199,9 +209,10 @@ def read_selected(models: ModelSet, n_examples: int, chunk: int, selections: dic
     indices of each selection -> (Conf without conf and trained_on arrays, selection name -> float32[M, n, Q])."""
     kept: dict[str, list[np.ndarray]] = {name: [] for name in selections}
     parts = []
+    footers = read_footers(models)
     for start in range(0, n_examples, chunk):
         stop = min(start + chunk, n_examples)
-        rows = read_rows(models, start, stop, trained_on=False)
+        rows = read_rows(models, start, stop, trained_on=False, footers=footers)
         parts.append(rows.nonfinite)
         for name, idx in selections.items():
             lo, hi = np.searchsorted(idx, [start, stop])
@@ -215,15 +226,16 @@ def read_selected(models: ModelSet, n_examples: int, chunk: int, selections: dic
     return Conf(ids, [models.markers[m] for m in ids], empty[keep], np.zeros((keep.size, 0), bool), nonfinite), out
 
 
-def read_membership(run: RunContents, model_ids: list[str]) -> np.ndarray:
-    """bool[M, E]: the trained_on column of each model (only that column is read)."""
+def read_membership(run: RunContents, model_ids: list[str], footers: dict[str, bytes] | None = None) -> np.ndarray:
+    """bool[M, E]: the trained_on column of each model (only that column is read; ``footers``: read_footers)."""
     n_e = int(run.manifest["n_examples"])
     n_q = len(run.manifest["spec"]["queries"])
     out = np.empty((len(model_ids), n_e), bool)
 
     def load(k_mid):
         k, mid = k_mid
-        t = run.store.read_logits(mid, run.markers[mid], columns=["trained_on"])
+        t = run.store.read_logits(mid, run.markers[mid], columns=["trained_on"],
+                                  footer=None if footers is None else footers.get(mid))
         col = t.column("trained_on").to_numpy(zero_copy_only=False)
         if col.size != n_e * n_q:
             raise StoreError(f"model {mid}: logits file has {col.size} rows, the run has {n_e} x {n_q}")

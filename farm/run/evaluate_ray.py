@@ -7,13 +7,18 @@ only the non-secret settings of farm.settings (forwarded_env) travel in the task
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+
+import numpy as np
 
 from farm.settings import forwarded_env
 
 from .ray_executor import ensure_ray
 
-__all__ = ["ray_map"]
+__all__ = ["ray_map", "shared_once"]
+
+_CONTAINERS = (dict, list, bytes, np.ndarray)
 
 
 def ray_map(address: str | None = None) -> Callable[[Callable, list[tuple]], list]:
@@ -33,7 +38,24 @@ def ray_map(address: str | None = None) -> Callable[[Callable, list[tuple]], lis
         remote = remotes.get(fn)
         if remote is None:
             remote = remotes.setdefault(fn, ray.remote(**options)(fn))
-        return ray.get([remote.remote(*a) for a in args])
+        return ray.get([remote.remote(*a) for a in shared_once(args, ray.put)])
 
     return map_chunks
+
+
+def shared_once(args: list[tuple], put: Callable) -> list[tuple]:
+    """``args`` with every container (dict, list, bytes, array) that several jobs share as one object put once
+    (``put``, ray.put: a reference that Ray hands each task as the value).  Ray would otherwise copy it into
+    its object store for every task, e.g. the shadows' footers that every chunk's job reads."""
+    seen = Counter(id(v) for a in args for v in a if isinstance(v, _CONTAINERS))
+    refs: dict[int, object] = {}
+
+    def one(v):
+        if not isinstance(v, _CONTAINERS) or seen[id(v)] < 2:
+            return v
+        if id(v) not in refs:
+            refs[id(v)] = put(v)
+        return refs[id(v)]
+
+    return [tuple(one(v) for v in a) for a in args]
 

@@ -319,7 +319,8 @@ class RunStore(StoreFiles):
         return data
 
     def read_logits(self, model_id: str, marker: dict, columns: list[str] | None = None,
-                    verify: bool = True, whole_file: bool = False, rows: tuple[int, int] | None = None) -> pa.Table:
+                    verify: bool = True, whole_file: bool = False, rows: tuple[int, int] | None = None,
+                    footer: bytes | None = None) -> pa.Table:
         """logits/<model_id>.parquet (the key derived from the id, never a path from the marker), checked.
 
         Some columns of a file written with page checksums (marker `page_checksums`) are read alone: on S3
@@ -328,18 +329,41 @@ class RunStore(StoreFiles):
         checked against the marker's sha256, as `ufarm run --verify` does. ``rows=(start, stop)`` returns
         only those file rows (example e, query q is row e * Q + q), decoding only the row groups that hold
         them (rows past the file's end are not returned); on the page-checksum path only those row groups'
-        pages are fetched, each checked against its CRC-32."""
-        return self._read_table(model_id, marker, columns, verify, whole_file, rows)[0]
+        pages are fetched, each checked against its CRC-32.  ``footer``: the file's footer as read_footer
+        returned it, so that a reader of many ranges of one file reads it once (else it is read here)."""
+        return self._read_table(model_id, marker, columns, verify, whole_file, rows, footer)[0]
+
+    def read_footer(self, model_id: str, marker: dict) -> bytes:
+        """The end of the model's logits file that holds its Parquet footer (for read_logits and read_conf's
+        ``footer``/``footers``): its last FOOTER_TAIL bytes, or the whole footer when it is longer."""
+        rel = f"logits/{check_model_id(model_id)}.parquet"
+        problem = marker_problem(model_id, marker)
+        if problem:
+            raise StoreError(f"model {model_id}: its marker {problem}")
+
+        def read():
+            with self.fs.open_input_file(self.path(rel)) as fh:
+                if fh.size() != marker["bytes"]:
+                    raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
+                                     f"{marker['bytes']}; `ufarm run` retrains it")
+                return _footer_bytes(fh, marker["bytes"])
+        try:
+            return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
+        except FileNotFoundError:
+            raise StoreError(f"model {model_id}: logits file {rel} does not exist; `ufarm run` retrains it") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"model {model_id}: logits file {rel} is not readable ({first_line(exc)}); "
+                             f"`ufarm run --verify` retrains it") from None
 
     def _read_table(self, model_id: str, marker: dict, columns: list[str] | None, verify: bool, whole_file: bool,
-                    rows: tuple[int, int] | None) -> tuple[pa.Table, int]:
+                    rows: tuple[int, int] | None, footer: bytes | None = None) -> tuple[pa.Table, int]:
         """read_logits -> (table, the file's row count)."""
         rel = f"logits/{check_model_id(model_id)}.parquet"
         problem = marker_problem(model_id, marker)
         if problem:
             raise StoreError(f"model {model_id}: its marker {problem}")
         if verify and columns is not None and not whole_file and marker.get("page_checksums") is True:
-            return self._read_columns(model_id, rel, marker, columns, rows)
+            return self._read_columns(model_id, rel, marker, columns, rows, footer)
         data = self._checked_logits(model_id, rel, marker) if verify else self.read_bytes(rel)
         # one thread per file: callers read many files from a thread pool, which parallelises better
         try:
@@ -366,13 +390,14 @@ class RunStore(StoreFiles):
         return data
 
     def _read_columns(self, model_id: str, rel: str, marker: dict, columns: list[str],
-                      rows: tuple[int, int] | None) -> tuple[pa.Table, int]:
+                      rows: tuple[int, int] | None, footer: bytes | None) -> tuple[pa.Table, int]:
         def read():
             with self.fs.open_input_file(self.path(rel)) as fh:
                 if fh.size() != marker["bytes"]:
                     raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
                                      f"{marker['bytes']}; `ufarm run` retrains it")
-                pf = pq.ParquetFile(fh, metadata=_footer(fh, marker["bytes"]), page_checksum_verification=True)
+                tail = footer if footer is not None else _footer_bytes(fh, marker["bytes"])
+                pf = pq.ParquetFile(fh, metadata=footer_metadata(tail), page_checksum_verification=True)
                 return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
         try:
             return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
@@ -386,13 +411,15 @@ class RunStore(StoreFiles):
     def read_conf(self, model_ids: list[str] | None = None, roles: tuple[str, ...] | None = None,
                   verify: bool = True, whole_file: bool = False, examples: tuple[int, int] | slice | None = None,
                   markers: dict[str, dict] | None = None,
-                  flags: tuple[str, ...] = ("trained_on", "forgotten")) -> StoreConf:
+                  flags: tuple[str, ...] = ("trained_on", "forgotten"),
+                  footers: dict[str, bytes] | None = None) -> StoreConf:
         """conf[models, examples, queries] (float32) with roles and per-example membership, for the given
         models (default: every committed model, optionally only some roles), in model-id order.
         ``examples=(start, stop)`` (or a slice) reads only those examples' rows (only the row groups that
         hold them); ``markers`` (model id -> marker, as markers() returns them) saves reading the markers
         again, e.g. in a worker that the driver hands them to; ``flags``: the per-example columns read beside
-        conf (one left out is not fetched, and is None in the result)."""
+        conf (one left out is not fetched, and is None in the result); ``footers`` (model id -> read_footer)
+        saves reading the files' footers again, e.g. in each of many ranges."""
         markers = self.markers() if markers is None else markers
         if model_ids is None:
             model_ids = sorted(m for m, mk in markers.items() if roles is None or mk["role"] in roles)
@@ -416,7 +443,8 @@ class RunStore(StoreFiles):
         def load(i_mid):
             i, mid = i_mid
             t, file_rows = self._read_table(mid, markers[mid], ["conf", *read], verify, whole_file,
-                                            None if examples is None else (start * n_q, stop * n_q))
+                                            None if examples is None else (start * n_q, stop * n_q),
+                                            None if footers is None else footers.get(mid))
             if file_rows != n_e * n_q or t.num_rows != n_rows * n_q:
                 raise StoreError(f"model {mid}: logits file has {file_rows} rows, the run has {n_e} x {n_q}")
             conf[i] = t.column("conf").to_numpy().reshape(n_rows, n_q)
@@ -462,11 +490,10 @@ class RunStore(StoreFiles):
         return out
 
 
-def _footer(fh, size: int) -> pq.FileMetaData:
-    """The metadata of the Parquet file open as ``fh`` (``size`` bytes), from its footer alone: the last
-    FOOTER_TAIL bytes, and the rest of a longer footer in a second read.  A file ends with the footer, its
-    length (4 bytes, little-endian) and b"PAR1"; the footer with that end and a leading b"PAR1" parses as a
-    file of its own (the column chunks' offsets in it are the real file's)."""
+def _footer_bytes(fh, size: int) -> bytes:
+    """The end of the Parquet file open as ``fh`` (``size`` bytes) that holds its footer: the last FOOTER_TAIL
+    bytes, and the rest of a longer footer in a second read.  A file ends with the footer, its length (4 bytes,
+    little-endian) and b"PAR1"."""
     tail_size = min(size, FOOTER_TAIL)
     fh.seek(size - tail_size)
     tail = fh.read(tail_size)
@@ -478,6 +505,18 @@ def _footer(fh, size: int) -> pq.FileMetaData:
     if n + 8 > tail_size:
         fh.seek(size - 8 - n)
         tail = fh.read(n + 8 - tail_size) + tail
+    return tail
+
+
+def footer_metadata(tail: bytes) -> pq.FileMetaData:
+    """The metadata of a Parquet file from the end of it that holds its footer (_footer_bytes): the footer, its
+    length and b"PAR1", with a leading b"PAR1", parse as a file of their own (the column chunks' offsets in it
+    are the real file's)."""
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise ValueError("no Parquet footer at the end of the bytes given")
+    n = int.from_bytes(tail[-8:-4], "little")
+    if n + 8 > len(tail):
+        raise ValueError(f"a footer of {n} bytes is longer than the {len(tail)} bytes given")
     return pq.ParquetFile(pa.BufferReader(b"PAR1" + tail[-(n + 8):])).metadata
 
 

@@ -11,7 +11,7 @@ import pytest
 from evaluation.report import evaluate_store
 from evaluation.report.chunks import MembershipJob, membership_job
 from evaluation.report.membership import chunk_setup, shadow_setup
-from evaluation.report.store_io import model_set, open_run, read_membership
+from evaluation.report.store_io import model_set, open_run, read_footers, read_membership
 from farm.cli import main
 from farm.store import RunStore, StoreError, examples_table, logits_table, run_store
 from farm.store.layout import ROW_GROUP_EXAMPLES
@@ -205,11 +205,11 @@ def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
                 if md.row_group(g).column(i).path_in_schema in ("conf", "trained_on")) for g in range(4)]
     counters = _count_store_reads(monkeypatch)
 
-    def job_bytes(start, stop):
+    def job_bytes(start, stop, footers=None):
         counters.clear()
         cs = chunk_setup(setup, slice(start, stop), {"in": 1.0, "out": 1.0}, 0.3, workers=1)
         part = membership_job(MembershipJob(model_set(run, ids), start, stop, np.arange(stop - start),
-                                            np.arange(0), "scores", cs))
+                                            np.arange(0), "scores", cs), footers)
         assert part.scores.scores["online"].shape == (4, stop - start) and part.peak_rss_mb > 0
         return sum(c.read for c in counters)
 
@@ -221,6 +221,21 @@ def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
     assert used[1] < group <= used[1] + tails
     assert used[0] + used[1] < two <= used[0] + used[1] + tails + 4 * 8192
     assert abs(small - group) < 4 * 1024  # a chunk inside one row group reads that row group
+    # with the footers the driver read once (evaluate_store shares them with every chunk's job): the pages alone
+    footers = read_footers(model_set(run, ids))
+    manifest = os.path.getsize(os.path.join(uri, "manifest.json"))
+    assert used[1] < job_bytes(ROW_GROUP_EXAMPLES, 2 * ROW_GROUP_EXAMPLES, footers) <= used[1] + manifest
+
+
+def test_ray_map_puts_what_jobs_share_once(monkeypatch):
+    from farm.run.evaluate_ray import shared_once
+
+    shared, own, arr = {"a": b"x"}, [1, 2], np.zeros(3)
+    puts = []
+    out = shared_once([(shared, own, 7, arr), (shared, [3], 7, arr[:2]), (shared, None, 7, arr)],
+                      lambda v: puts.append(v) or f"ref{len(puts)}")
+    assert puts == [shared, arr]  # each shared container once; scalars, None and one-job objects as they are
+    assert out == [("ref1", own, 7, "ref2"), ("ref1", [3], 7, out[1][3]), ("ref1", None, 7, "ref2")]
 
 
 def test_verify_reads_each_file_whole_once_and_names_a_damaged_one(stores, tmp_path, monkeypatch):
