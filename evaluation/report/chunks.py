@@ -61,8 +61,8 @@ def steady_heap() -> None:
     that block's size (up to 32 MiB). Until then, a job that allocates and frees arrays of a few MB in a loop
     (the epsilon searches, several per forget example; a chunk's per-example arrays) page-faults on every
     allocation: the unlearning work of a 96-model store (then one job) took 36.64 s in a fresh process (21.69 s
-    of it system time, 9.2 million page faults) and 10.14 s after this. Freeing one 24 MiB block raises the threshold at
-    once; with another allocator it is one allocation and one free. Changes no value computed."""
+    of it system time, 9.2 million page faults) and 10.14 s after this. Freeing one 24 MiB block raises the
+    threshold at once; with another allocator it is one allocation and one free. Changes no value computed."""
     block = np.empty(24 << 20, np.uint8)  # not touched: mmap and munmap, no page is written
     del block
 
