@@ -167,12 +167,17 @@ def model_set(run: RunContents, model_ids: list[str]) -> ModelSet:
     return ModelSet(run.store.uri, list(model_ids), {m: run.markers[m] for m in model_ids})
 
 
+def _per_model(model_ids: list[str], read) -> list:
+    """read(model_id) for every model, in order, a few at once: on S3 each read is a request or a few."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(read, model_ids))
+
+
 def verify_job(models: ModelSet) -> None:
     """Every logits file of ``models`` read whole and checked against its marker's sha256
     (RunStore.check_logits: a StoreError naming the first model that fails)."""
     store = RunStore(models.uri)
-    with ThreadPoolExecutor(max_workers=4) as pool:  # on S3 each file is a request; a few at once
-        list(pool.map(lambda mid: store.check_logits(mid, models.markers[mid]), models.model_ids))
+    _per_model(models.model_ids, lambda mid: store.check_logits(mid, models.markers[mid]))
 
 
 @dataclass(frozen=True)
@@ -187,9 +192,8 @@ class Rows:
 def read_footers(models: ModelSet) -> dict[str, bytes]:
     """Each model's logits file footer (RunStore.read_footer), read once for the many ranges read_rows reads."""
     store = RunStore(models.uri)
-    with ThreadPoolExecutor(max_workers=8) as pool:  # on S3 each read is a request
-        tails = list(pool.map(lambda mid: store.read_footer(mid, models.markers[mid]), models.model_ids))
-    return dict(zip(models.model_ids, tails))
+    return dict(zip(models.model_ids, _per_model(models.model_ids,
+                                                 lambda mid: store.read_footer(mid, models.markers[mid]))))
 
 
 def read_rows(models: ModelSet, start: int, stop: int, trained_on: bool = True,
@@ -231,18 +235,17 @@ def read_membership(run: RunContents, model_ids: list[str], footers: dict[str, b
     n_e = int(run.manifest["n_examples"])
     n_q = len(run.manifest["spec"]["queries"])
     out = np.empty((len(model_ids), n_e), bool)
+    rows = {mid: k for k, mid in enumerate(model_ids)}
 
-    def load(k_mid):
-        k, mid = k_mid
+    def load(mid):
         t = run.store.read_logits(mid, run.markers[mid], columns=["trained_on"],
                                   footer=None if footers is None else footers.get(mid))
         col = t.column("trained_on").to_numpy(zero_copy_only=False)
         if col.size != n_e * n_q:
             raise StoreError(f"model {mid}: logits file has {col.size} rows, the run has {n_e} x {n_q}")
-        out[k] = col[::n_q]
+        out[rows[mid]] = col[::n_q]
 
-    with ThreadPoolExecutor(max_workers=8) as pool:  # on S3 each read is a few requests
-        list(pool.map(load, enumerate(model_ids)))
+    _per_model(model_ids, load)
     return out
 
 

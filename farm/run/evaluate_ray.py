@@ -58,4 +58,3 @@ def shared_once(args: list[tuple], put: Callable) -> list[tuple]:
         return refs[id(v)]
 
     return [tuple(one(v) for v in a) for a in args]
-

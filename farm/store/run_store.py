@@ -336,32 +336,13 @@ class RunStore(StoreFiles):
     def read_footer(self, model_id: str, marker: dict) -> bytes:
         """The end of the model's logits file that holds its Parquet footer (for read_logits and read_conf's
         ``footer``/``footers``): its last FOOTER_TAIL bytes, or the whole footer when it is longer."""
-        rel = f"logits/{check_model_id(model_id)}.parquet"
-        problem = marker_problem(model_id, marker)
-        if problem:
-            raise StoreError(f"model {model_id}: its marker {problem}")
-
-        def read():
-            with self.fs.open_input_file(self.path(rel)) as fh:
-                if fh.size() != marker["bytes"]:
-                    raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
-                                     f"{marker['bytes']}; `ufarm run` retrains it")
-                return _footer_bytes(fh, marker["bytes"])
-        try:
-            return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
-        except FileNotFoundError:
-            raise StoreError(f"model {model_id}: logits file {rel} does not exist; `ufarm run` retrains it") from None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"model {model_id}: logits file {rel} is not readable ({first_line(exc)}); "
-                             f"`ufarm run --verify` retrains it") from None
+        return self._with_logits_file(model_id, self._logits_rel(model_id, marker), marker,
+                                      lambda fh: _footer_bytes(fh, marker["bytes"]))
 
     def _read_table(self, model_id: str, marker: dict, columns: list[str] | None, verify: bool, whole_file: bool,
                     rows: tuple[int, int] | None, footer: bytes | None = None) -> tuple[pa.Table, int]:
         """read_logits -> (table, the file's row count)."""
-        rel = f"logits/{check_model_id(model_id)}.parquet"
-        problem = marker_problem(model_id, marker)
-        if problem:
-            raise StoreError(f"model {model_id}: its marker {problem}")
+        rel = self._logits_rel(model_id, marker)
         if verify and columns is not None and not whole_file and marker.get("page_checksums") is True:
             return self._read_columns(model_id, rel, marker, columns, rows, footer)
         data = self._checked_logits(model_id, rel, marker) if verify else self.read_bytes(rel)
@@ -375,13 +356,18 @@ class RunStore(StoreFiles):
     def check_logits(self, model_id: str, marker: dict) -> None:
         """Read the model's whole logits file and check it against the marker's sha256 (a StoreError naming
         the model otherwise), as every whole-file read does; `ufarm evaluate --verify` runs it once per model."""
+        self._checked_logits(model_id, self._logits_rel(model_id, marker), marker)
+
+    @staticmethod
+    def _logits_rel(model_id: str, marker: dict) -> str:
+        """logits/<model_id>.parquet, derived from the checked id, once the marker is found usable."""
         rel = f"logits/{check_model_id(model_id)}.parquet"
         problem = marker_problem(model_id, marker)
         if problem:
             raise StoreError(f"model {model_id}: its marker {problem}")
-        self._checked_logits(model_id, rel, marker)
+        return rel
 
-    def _checked_logits(self, model_id: str, rel: str, marker: dict):
+    def _checked_logits(self, model_id: str, rel: str, marker: dict) -> bytes:
         data = self.read_bytes(rel)
         digest = hashlib.sha256(data).hexdigest()
         if digest != marker["sha256"]:
@@ -391,20 +377,27 @@ class RunStore(StoreFiles):
 
     def _read_columns(self, model_id: str, rel: str, marker: dict, columns: list[str],
                       rows: tuple[int, int] | None, footer: bytes | None) -> tuple[pa.Table, int]:
-        def read():
+        def read(fh):
+            tail = footer if footer is not None else _footer_bytes(fh, marker["bytes"])
+            pf = pq.ParquetFile(fh, metadata=_footer_metadata(tail), page_checksum_verification=True)
+            return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
+        return self._with_logits_file(model_id, rel, marker, read)
+
+    def _with_logits_file(self, model_id: str, rel: str, marker: dict, read):
+        """read(fh) of the logits file opened for ranged reads, once its size is the marker's; S3's transient
+        errors retried, and what fails (a page whose CRC-32 fails, a footer or file Parquet cannot read) one
+        StoreError naming the model."""
+        def attempt():
             with self.fs.open_input_file(self.path(rel)) as fh:
                 if fh.size() != marker["bytes"]:
                     raise StoreError(f"model {model_id}: logits file {rel} has {fh.size()} bytes, its marker "
                                      f"{marker['bytes']}; `ufarm run` retrains it")
-                tail = footer if footer is not None else _footer_bytes(fh, marker["bytes"])
-                pf = pq.ParquetFile(fh, metadata=footer_metadata(tail), page_checksum_verification=True)
-                return _row_range(pf, columns, rows, model_id, rel), pf.metadata.num_rows
+                return read(fh)
         try:
-            return retry_transient(read, f"reading {self.uri}/{rel}") if self.is_s3 else read()
+            return retry_transient(attempt, f"reading {self.uri}/{rel}") if self.is_s3 else attempt()
         except FileNotFoundError:
             raise StoreError(f"model {model_id}: logits file {rel} does not exist; `ufarm run` retrains it") from None
-        except (pa.ArrowException, OSError, ValueError) as exc:  # a page whose CRC-32 fails, or a file Parquet
-            # cannot read
+        except (pa.ArrowException, OSError, ValueError) as exc:
             raise StoreError(f"model {model_id}: logits file {rel} fails its page checksums or is not readable "
                              f"({first_line(exc)}); `ufarm run --verify` retrains it") from None
 
@@ -508,7 +501,7 @@ def _footer_bytes(fh, size: int) -> bytes:
     return tail
 
 
-def footer_metadata(tail: bytes) -> pq.FileMetaData:
+def _footer_metadata(tail: bytes) -> pq.FileMetaData:
     """The metadata of a Parquet file from the end of it that holds its footer (_footer_bytes): the footer, its
     length and b"PAR1", with a leading b"PAR1", parse as a file of their own (the column chunks' offsets in it
     are the real file's)."""

@@ -227,7 +227,7 @@ def test_a_membership_job_reads_only_its_rows(tmp_path, monkeypatch):
     assert used[1] < job_bytes(ROW_GROUP_EXAMPLES, 2 * ROW_GROUP_EXAMPLES, footers) <= used[1] + manifest
 
 
-def test_ray_map_puts_what_jobs_share_once(monkeypatch):
+def test_ray_map_puts_what_jobs_share_once():
     from farm.run.evaluate_ray import shared_once
 
     shared, own, arr = {"a": b"x"}, [1, 2], np.zeros(3)
