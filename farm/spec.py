@@ -498,6 +498,8 @@ def validate(spec: Spec) -> None:
         if isinstance(u.time_limit, bool) or not isinstance(u.time_limit, (int, float)) \
                 or not math.isfinite(u.time_limit) or not u.time_limit > 0:
             raise SpecError(f"unlearn[{i}].time_limit must be a finite number of seconds > 0, got {u.time_limit!r}")
+        if not isinstance(u.hparams.get("augment", False), bool):
+            raise SpecError(f"unlearn[{i}].hparams.augment must be true or false, got {u.hparams['augment']!r}")
         key = (u.method, u.hparams_hash)
         if key in seen:
             raise SpecError(f"unlearn[{i}] repeats method {u.method!r} with the same hparams")

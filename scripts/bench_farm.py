@@ -3,7 +3,8 @@
 
 1. batched: K models of the same preset trained together with stacked weights (farm.train.stacked) versus the
    same jobs one at a time in the same engine, including writing their logits (digits on CPU; with
-   --dataset fashion-mnist the issue's GPU setting: shadows, 5 epochs on half the train split);
+   --dataset fashion-mnist the GPU setting: shadows, 5 epochs on half the train split; with --method
+   finetune, unlearned models of one original through the method's stacked twin, farm.train.stacked_methods);
 2. runner: the digits-demo preset's models trained through the Ray runner versus the same jobs in a plain
    in-process loop (at the runner's per-worker thread count, and at all cores), in models per minute,
    both from warm processes (torch imported; --cold-workers: Ray workers that import it on their own clock);
@@ -12,6 +13,7 @@
 
     python scripts/bench_farm.py            # full sizes (digits-demo; 256 x 70,000 x 2)
     python scripts/bench_farm.py --quick    # small sizes, for a smoke test
+    python scripts/bench_farm.py --only batched --method finetune   # stacked unlearning vs one at a time
 """
 from __future__ import annotations
 
@@ -145,9 +147,10 @@ def warm_up_stacked(engine, k: int, n_train: int) -> float:
 
 
 def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: str | None = None,
-                  n_baseline: int | None = None, gpu_kernels: str | None = None) -> None:
+                  n_baseline: int | None = None, gpu_kernels: str | None = None, method: str | None = None) -> None:
     """n_baseline: how many of the jobs the one-at-a-time baseline trains (its rate is per model, so a
-    subset measures it; all n_models by default)."""
+    subset measures it; all n_models by default). method: time unlearned models of this built-in (the
+    method's defaults, from one original trained first and not timed) instead of shadows."""
     import torch
 
     from farm.train.engine import Engine
@@ -157,6 +160,9 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
     d = load_spec(preset).to_dict()
     d["counts"] = {"shadow": n_models + 2}  # even (complementary pairs); one is the warm-up
     d["unlearn"] = []
+    if method:
+        d["counts"] = {"original": 1}
+        d["unlearn"] = [{"method": method, "count": n_models + 1}]
     d["outputs"] = {"keep_logits": False, "keep_weights": False}
     if epochs:
         d["training"]["epochs"] = epochs
@@ -172,14 +178,18 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
         for label in ("one at a time", f"stacked, K={k}"):
             prep = prepare_run(spec, f"{tmp}/{len(times)}")
             engine = Engine(prep.context(), threads=threads)
-            engine.run(prep.pending[0])  # warm-up (kernels, allocator), committed but not timed
-            jobs = prep.pending[1:n_models + 1]
+            pending = prep.pending
+            if method:
+                engine.run(pending[0])  # the original, not timed
+                pending = pending[1:]
+            engine.run(pending[0])  # warm-up (kernels, allocator), committed but not timed
+            jobs = pending[1:n_models + 1]
             if label != "one at a time":
                 from farm.train.stacked import default_layout
 
                 print(f"  (stacked layout: {default_layout(engine.device.type)}, "
                       f"kernels {spec.resources.gpu_kernels})")
-            if label != "one at a time" and torch.cuda.is_available():
+            if label != "one at a time" and torch.cuda.is_available() and not method:
                 seconds = warm_up_stacked(engine, k, max(len(j.train_idx) for j in jobs))
                 print(f"  (stacked warm-up at K={k}, not counted: {seconds:.1f} s)")
                 print(f"  (batch_models: auto would stack {engine.batch_capacity()} models here)")
@@ -194,6 +204,7 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
                 markers = [m for i in range(0, len(jobs), k) for m in engine.run_batch(jobs[i:i + k])]
             seconds = time.perf_counter() - t0
             times[label] = seconds / len(jobs)
+            assert all(m["batched"] == (1 if label == "one at a time" else min(k, len(jobs))) for m in markers[:k])
             acc = np.mean([m["accuracy"]["test"] for m in markers])
             train = np.mean([m["train_seconds"] for m in markers])
             predict = np.mean([m["seconds"] for m in markers]) - train
@@ -331,6 +342,8 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=None, help="models in the batched benchmark")
     ap.add_argument("--data", help="dataset folder for the batched benchmark (e.g. a carried fashion-mnist copy)")
     ap.add_argument("--k", type=int, default=None, help="models per stacked batch")
+    ap.add_argument("--method", help="batched benchmark: unlearned models of this built-in method (stacked "
+                    "twins: finetune, neggrad_plus, random_label, noise_finetune) instead of shadows")
     ap.add_argument("--baseline-models", type=int, default=None,
                     help="models the one-at-a-time baseline trains (default: all; 16 on a GPU)")
     ap.add_argument("--runner-epochs", type=int, help="runner benchmark: train the demo's models this many "
@@ -354,9 +367,11 @@ def main() -> None:
         n = args.models or (8 if args.quick else 256 if gpu else 16)
         k = args.k or (256 if gpu else 8)
         base = min(n, args.baseline_models or (16 if gpu else n))
-        print(f"[batched] {args.dataset}: {n} shadow models stacked K={k} vs {base} of them one at a time "
+        what = f"{args.method} unlearned models" if args.method else "shadow models"
+        print(f"[batched] {args.dataset}: {n} {what} stacked K={k} vs {base} of them one at a time "
               f"(+1 warm-up each)")
-        bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data, base, args.gpu_kernels)
+        bench_batched(args.dataset, n, k, 2 if args.quick else None, args.data, base, args.gpu_kernels,
+                      args.method)
         if args.layout == "triton":
             from farm.train.stacked_triton import chosen_tiles
 

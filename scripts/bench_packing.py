@@ -9,9 +9,10 @@ method through the competition's DataLoader signature) on synthetic 32x32 CIFAR-
 a training step does not depend on the pixel values, and nothing is downloaded. Phases start together
 (a barrier); a phase's aggregate rate is P x images / (last finish - first start).
 
-ResNet-18 stacks as grouped convolutions with BatchNorm per model (farm.train.stacked_resnet); the train and
-predict phases of a stacked worker run its K models at once (rates count K x images), the finetune phase
-one model (methods run one at a time, through farm.train.loops.make_loader's batch-gathering loader).
+ResNet-18 stacks as grouped convolutions with BatchNorm per model (farm.train.stacked_resnet); every phase of
+a stacked worker runs its K models at once (rates count K x images): the finetune phase through the method's
+stacked twin (farm.train.stacked_methods), each model with its own farm.train.loops.make_loader loader; at K=1
+the method itself, through the same batch-gathering loader. Finetunes run in float32 as the method does.
 With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (28x28x1, batch 256).
 
 Two more levers, measured rather than assumed: --memory-formats channels_last (the weights and the images in
@@ -61,6 +62,7 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     from farm.spec import ModelSpec, TrainingSpec
     from farm.train.loops import configure_gpu_kernels, make_loader, predict_logits, train_model
     from farm.train.stacked import StackedModels, predict_stacked_chunks, train_stacked
+    from farm.train.stacked_methods import STACKED_METHODS
 
     torch.set_num_threads(2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +89,7 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     net = torch.compile(model, dynamic=False) if compile_ == "on" else model
     gens = [torch.Generator().manual_seed(rank * 1000 + k) for k in range(stack)]
     finetune = get_method("finetune").fn
+    stacked_finetune = STACKED_METHODS["finetune"].run
     queries = ("plain", "hflip")
 
     def run(phase: str, count: int) -> None:
@@ -95,6 +98,9 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
             train_stacked(stacked, images, labels, [idx] * stack, cfg, gens)
         elif phase == "train":
             train_model(net, images, labels, idx, cfg, gen)
+        elif phase == "finetune" and stacked is not None:  # the method's stacked twin, each model its loader
+            loaders = [make_loader(images, labels, idx, cfg.batch_size, True, rank * 1000 + k) for k in range(stack)]
+            stacked_finetune(stacked, loaders, None, None, lr=0.01, epochs=1, momentum=0.9, weight_decay=5e-4)
         elif phase == "finetune":
             finetune(net, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
                      epochs=1)
@@ -140,7 +146,7 @@ def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1, memor
     errors = [r for r in results if isinstance(r, str)]
     if errors:
         raise SystemExit(errors[0])  # the first to fail; the others only saw the barrier broken
-    models = {"train": stack, "finetune": 1, "predict": stack}
+    models = {"train": stack, "finetune": stack, "predict": stack}
     rates = {ph: procs * models[ph] * n / (max(r[ph][1] for r, _ in results) - min(r[ph][0] for r, _ in results))
              for ph in PHASES}
     return rates, max(w for _, w in results)
@@ -214,7 +220,7 @@ def main() -> None:
             continue
         best = max(mine, key=lambda key: mine[key]["train"])
         r = mine[best]
-        fine = max(mine.values(), key=lambda m: m["finetune"])["finetune"]  # finetunes pack without stacking
+        fine = max(mine.values(), key=lambda m: m["finetune"])["finetune"]  # at its own best setting
         predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]
         retrain_s = spec.training.epochs * retain / r["train"] + predict_s
         unlearn_s = method.hparams.get("epochs", 1) * retain / fine + predict_s

@@ -46,3 +46,23 @@ def test_make_loader_gathers_its_subset():
     loader = make_loader(images, labels, torch.tensor([7, 2, 5]).numpy(), 2, False, 0)
     batches = list(loader)
     assert [b[1].tolist() for b in batches] == [[7, 2], [5]] and isinstance(loader, DataLoader)
+
+
+def test_augmenting_loaders_keep_the_order_and_augment_where_the_images_live():
+    """augment=True: the same labels in the same order as without, each batch the plain batch through
+    augment_batch with the loader's own augmentation generator (fresh draws every pass)."""
+    from farm.train.loops import AUGMENT_SEED_OFFSET, augment_batch
+
+    images, labels = torch.randn(30, 1, 6, 6), torch.arange(30)
+    plain = make_loader(images, labels, torch.arange(30).numpy(), 8, True, 3)
+    augmented = make_loader(images, labels, torch.arange(30).numpy(), 8, True, 3, augment=True)
+    gen = torch.Generator().manual_seed(3 + AUGMENT_SEED_OFFSET)
+    passes = []
+    for _ in range(2):
+        batches = list(zip(plain, augmented))
+        for (x, y), (xa, ya) in batches:
+            assert torch.equal(ya, y) and x.device == xa.device
+            assert torch.equal(xa, augment_batch(x, gen))
+        passes.append(torch.cat([xa for _, (xa, _) in batches]))
+    assert not torch.equal(passes[0], passes[1])  # new shifts and flips every pass
+    assert not torch.equal(torch.cat([x for x, _ in plain]), torch.cat([x for x, _ in augmented]))

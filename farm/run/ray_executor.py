@@ -194,11 +194,12 @@ DRIVER_GRACE_SECONDS = 120.0  # beyond a method's time limit and the worker's ow
 
 
 def _deadline(jobs: list[Job], dispatched: float) -> float | None:
-    """When the driver gives up on a batch holding an unlearned job (None: no time limit applies)."""
+    """When the driver gives up on a batch holding unlearned jobs (None: no time limit applies). Their limits
+    add up: a batch runs its models one after another, or stacked under the sum of their limits."""
     limits = [j.time_limit for j in jobs if j.role == "unlearned" and j.time_limit]
     if not limits:
         return None
-    limit = max(limits)
+    limit = sum(limits)
     return dispatched + limit + grace_seconds(limit) + DRIVER_GRACE_SECONDS
 
 

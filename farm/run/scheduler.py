@@ -15,6 +15,7 @@ from collections import deque
 from datetime import datetime, timezone
 
 from farm.plan import Job
+from farm.train.stacked_methods import stack_key
 
 from .prepare import PreparedRun, RunResult
 
@@ -53,14 +54,16 @@ class Scheduler:
         self.waiting = still
 
     def take(self, k: int) -> list[Job]:
-        """The next job, plus up to k-1 more that can share a stacked batch (trained from scratch)."""
+        """The next job, plus up to k-1 more that can share a stacked batch with it (stack_key: trained from
+        scratch, or unlearned by one stackable built-in method with the same hyper-parameters)."""
         first = self.queue.popleft()
         unit = [first]
-        if k > 1 and first.role != "unlearned" and first.model_id not in self.solo:
+        key = stack_key(first)
+        if k > 1 and key is not None and first.model_id not in self.solo:
             rest = deque()
             while self.queue and len(unit) < k:
                 job = self.queue.popleft()
-                (unit if job.role != "unlearned" and job.model_id not in self.solo else rest).append(job)
+                (unit if stack_key(job) == key and job.model_id not in self.solo else rest).append(job)
             self.queue.extendleft(reversed(rest))
         return unit
 

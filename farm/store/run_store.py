@@ -421,6 +421,8 @@ class RunStore(StoreFiles):
             raise StoreError(f"store {self.uri} has no model(s) {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
         manifest = self.read_manifest()
+        if manifest is None:
+            raise StoreError(f"store {self.uri} has no manifest.json: no run has been prepared there")
         n_q = len(manifest["spec"]["queries"])
         n_e = manifest["n_examples"]
         start, stop = _example_range(examples, n_e)

@@ -21,6 +21,7 @@ import torch
 
 from farm.train.stacked import StackedModels, can_stack, has_batchnorm, predict_stacked, train_stacked
 from farm.train.methods import get_method
+from farm.train.stacked_methods import STACKED_METHODS, following_global, stack_key
 from farm.train.models import build_model
 from farm.plan import Job
 from farm.spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
@@ -92,10 +93,10 @@ class Engine:
         """Train (or unlearn) the job's model and commit it to the store; returns its marker."""
         start = time.perf_counter()
         gen = set_determinism(job.seed)
-        model = self.new_model()
         if job.role == "unlearned":
-            model = self._unlearn(model, job)
+            model = self._unlearn(job)
         else:
+            model = self.new_model()
             train_model(model, self.images, self.labels, job.train_idx, self.spec.training, gen)
         train_seconds = time.perf_counter() - start
         cfg = self.spec.training
@@ -103,11 +104,19 @@ class Engine:
         return self.commit(job, model, logits, train_seconds, time.perf_counter() - start)
 
     def run_batch(self, jobs: list[Job]) -> list[dict]:
-        """Train several non-unlearned jobs at once with stacked weights (farm.train.stacked) and commit each as
-        its own model; falls back to one at a time for a single job or an architecture it cannot stack.
-        Models with BatchNorm stack only with models of the same training-set size (farm.train.stacked)."""
+        """Train several jobs at once with stacked weights (farm.train.stacked) and commit each as its own
+        model: models trained from scratch, or unlearned models of one stackable built-in method and
+        hyper-parameters (farm.train.stacked_methods). Runs them one at a time when they cannot share a stack
+        (stack_key: a mix, another method) or the architecture cannot stack. Models with BatchNorm stack only
+        with models of the same training-set size (farm.train.stacked).
+
+        In a stacking run, a job that comes alone is stacked with a throwaway copy of itself. On a CPU a
+        model's bits from the stacked kernels are the same whichever models share its stack, two or more,
+        but differ from its bits alone; so a model's bits do not depend on how the scheduler happened to
+        batch it (timing, the number of workers), and every executor gives the same store."""
         probe = self.new_model()
-        if len(jobs) == 1 or any(j.role == "unlearned" for j in jobs) or not can_stack(probe):
+        key = stack_key(jobs[0])
+        if not can_stack(probe) or key is None or any(stack_key(j) != key for j in jobs):
             return [self.run(j) for j in jobs]
         if has_batchnorm(probe) and len({len(j.train_idx) for j in jobs}) > 1:
             by_size: dict[int, list[Job]] = {}
@@ -115,17 +124,65 @@ class Engine:
                 by_size.setdefault(len(j.train_idx), []).append(j)
             done = {j.model_id: m for group in by_size.values() for j, m in zip(group, self.run_batch(group))}
             return [done[j.model_id] for j in jobs]
+        if len(jobs) == 1 and not self.stacking():
+            return [self.run(jobs[0])]
+        stacked = jobs if len(jobs) > 1 else jobs * 2
         start = time.perf_counter()
+        stack = self._unlearn_stack(stacked) if jobs[0].role == "unlearned" else self._train_stack(stacked)
+        return self._commit_stack(jobs, stack, start)
+
+    def stacking(self) -> bool:
+        """Whether this run stacks models (resources.batch_models above 1, or "auto" where it picks more than
+        one), so that a job alone is stacked too (run_batch)."""
+        if getattr(self, "_stacking", None) is None:
+            k = self.spec.resources.batch_models
+            self._stacking = (self.batch_capacity() if k == "auto" else int(k)) > 1
+        return self._stacking
+
+    def _train_stack(self, jobs: list[Job]) -> StackedModels:
         models, gens = [], []
         for job in jobs:  # each model initialised and ordered exactly as run() would do it alone
             gens.append(set_determinism(job.seed))
             models.append(self.new_model())
         stack = StackedModels(models)
         train_stacked(stack, self.images, self.labels, [j.train_idx for j in jobs], self.spec.training, gens)
-        train_seconds = (time.perf_counter() - start) / len(jobs)
+        return stack
+
+    def _unlearn_stack(self, jobs: list[Job]) -> StackedModels:
+        """K unlearned models of one built-in method and hyper-parameters, stepped together by its stacked
+        twin: each model starts as run() would start it alone (seeded, its original's weights, its own
+        loaders, the method's per-model preparation) and keeps its own random draws. The time limit is the
+        sum of the models' limits: the stack does the work of all of them."""
+        method = get_method(jobs[0].method)
+        hparams = method.resolve(jobs[0].hparams)
+        twin = STACKED_METHODS[method.name]
+
+        def unlearn() -> StackedModels:
+            models, retains, forgets, gens, extra = [], [], [], [], {}
+            for job in jobs:
+                set_determinism(job.seed)
+                model = self._parent_model(job)
+                retain, forget, _ = self._loaders(job)
+                extra = twin.prepare(model, retain, forget, hparams)  # the same for every model
+                gens.append(following_global(self.device))
+                models.append(model)
+                retains.append(retain)
+                forgets.append(forget)
+            stack = StackedModels(models)
+            twin.run(stack, retains, forgets, gens, **hparams, **extra)
+            return stack
+
+        unique = list({j.model_id: j for j in jobs}.values())  # a job alone with its throwaway copy: once
+        limit = sum(j.time_limit or DEFAULT_UNLEARN_TIME_LIMIT for j in jobs)
+        return self._call_method(unique, unlearn, limit)
+
+    def _commit_stack(self, jobs: list[Job], stack: StackedModels, start: float) -> list[dict]:
+        """Predict with the stacked models and commit the first len(jobs) of them (a throwaway copy after a
+        job alone is not committed), each as its own model; its time is its share of the stack's."""
+        train_seconds = (time.perf_counter() - start) / stack.k
         cfg = self.spec.training
         logits = predict_stacked(stack, self.images, self.spec.queries, cfg.eval_batch_size, cfg.precision)
-        seconds = (time.perf_counter() - start) / len(jobs)
+        seconds = (time.perf_counter() - start) / stack.k
         # modules only where weights are stored (originals, keep_weights): K deep copies cost time otherwise
         need_weights = self.spec.outputs.keep_weights or any(j.role == "original" for j in jobs)
         trained = stack.unstack() if need_weights else [None] * len(jobs)
@@ -187,34 +244,51 @@ class Engine:
         marker.update(extra or {})
         return self.store.write_model(job.model_id, table, marker, weights)
 
-    def _unlearn(self, model: torch.nn.Module, job: Job) -> torch.nn.Module:
+    def _parent_model(self, job: Job) -> torch.nn.Module:
+        """A new model (drawing its initialisation from the global generator, as run() always did) holding
+        the job's original's weights."""
+        model = self.new_model()
         # checked against the sha256 in the parent's marker (a StoreError naming the parent on a mismatch);
         # weights_only: a weights file planted in a store must not run code when it is loaded
         weights = self.store.read_weights(job.parent, self.store.marker(job.parent))
-        state = torch.load(io.BytesIO(weights), map_location=self.device, weights_only=True)
-        model.load_state_dict(state)
-        method = get_method(job.method)
-        hparams = method.resolve(job.hparams)
+        model.load_state_dict(torch.load(io.BytesIO(weights), map_location=self.device, weights_only=True))
+        return model
+
+    def _loaders(self, job: Job) -> tuple:
+        """The job's retain, forget and validation loaders, each seeded from the job's seed; retain and forget
+        augment their batches when the job's hparams say `augment: true` (validation never does)."""
         bs = self.spec.training.batch_size
-        retain = make_loader(self.images, self.labels, np.flatnonzero(self.masks["retain"]), bs, True, job.seed)
-        forget = make_loader(self.images, self.labels, np.flatnonzero(self.masks["forget"]), bs, True, job.seed + 1)
-        val = make_loader(self.images, self.labels, np.flatnonzero(self.masks["val"]), bs, False, job.seed + 2)
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        limit = job.time_limit or DEFAULT_UNLEARN_TIME_LIMIT
+        augment = job.hparams.get("augment", False)
+        return tuple(make_loader(self.images, self.labels, np.flatnonzero(self.masks[name]), bs, shuffle,
+                                 job.seed + offset, augment=augment and shuffle)
+                     for name, shuffle, offset in (("retain", True, 0), ("forget", True, 1), ("val", False, 2)))
+
+    def _call_method(self, jobs: list[Job], fn, limit: float):
+        """fn() under the time limit; its failures as MethodError / MethodTimeoutError naming the models."""
+        job = jobs[0]
+        who = f"model {job.model_id}" if len(jobs) == 1 else \
+            f"models {', '.join(j.model_id for j in jobs)} (stacked)"
         try:
-            out = call_with_time_limit(lambda: method.fn(model, retain, forget, val, **hparams), limit,
-                                       on_stuck=lambda: self._stuck(job, limit))
+            return call_with_time_limit(fn, limit, on_stuck=lambda: self._stuck(jobs, limit))
         except TimeLimitExceeded as exc:
-            raise MethodTimeoutError(f"model {job.model_id}: method {job.method!r} {exc} "
-                                     "(unlearn time_limit)") from None
+            raise MethodTimeoutError(f"{who}: method {job.method!r} {exc} (unlearn time_limit)") from None
         except KeyboardInterrupt:
             raise
         except Exception as exc:
-            raise MethodError(f"model {job.model_id}: method {job.method!r} raised {type(exc).__name__}: {exc}") from exc
+            raise MethodError(f"{who}: method {job.method!r} raised {type(exc).__name__}: {exc}") from exc
         except BaseException as exc:  # sys.exit() and the like: a failed model, not the end of the run
-            raise MethodError(f"model {job.model_id}: method {job.method!r} tried to end the process "
+            raise MethodError(f"{who}: method {job.method!r} tried to end the process "
                               f"({type(exc).__name__}{f': {exc}' if str(exc) else ''}); a method must return "
                               "the model") from exc
+
+    def _unlearn(self, job: Job) -> torch.nn.Module:
+        model = self._parent_model(job)
+        method = get_method(job.method)
+        hparams = method.resolve(job.hparams)
+        retain, forget, val = self._loaders(job)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        limit = job.time_limit or DEFAULT_UNLEARN_TIME_LIMIT
+        out = self._call_method([job], lambda: method.fn(model, retain, forget, val, **hparams), limit)
         if not isinstance(out, torch.nn.Module):
             raise MethodOutputError(f"model {job.model_id}: method {job.method!r} returned {type(out).__name__}, "
                                     "not a torch.nn.Module")
@@ -224,15 +298,17 @@ class Engine:
                                     "shape than the original")
         return out.to(self.device).eval()
 
-    def _stuck(self, job: Job, limit: float) -> None:
-        """Called from the time limit's watchdog when a method cannot be interrupted: record the failure and
-        end this process (under Ray the worker is replaced, see docs/methods.md)."""
-        message = (f"model {job.model_id}: method {job.method!r} still ran {grace_seconds(limit):g} s after its "
+    def _stuck(self, jobs: list[Job], limit: float) -> None:
+        """Called from the time limit's watchdog when a method cannot be interrupted: record the failure of
+        every model of the call and end this process (under Ray the worker is replaced, see docs/methods.md)."""
+        models = jobs[0].model_id if len(jobs) == 1 else ", ".join(j.model_id for j in jobs) + " (stacked)"
+        message = (f"model {models}: method {jobs[0].method!r} still ran {grace_seconds(limit):g} s after its "
                    f"time limit of {limit:g} s and {STUCK_MARK}; its process was ended")
         try:
-            self.store.write_failure(job.model_id, {
-                "role": job.role, "error": message, "traceback": "", "attempts": 0, "worker_deaths": 0,
-                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            for job in jobs:
+                self.store.write_failure(job.model_id, {
+                    "role": job.role, "error": message, "traceback": "", "attempts": 0, "worker_deaths": 0,
+                    "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         finally:
             sys.stderr.write(f"ufarm: error: {message}\n")
             sys.stderr.flush()

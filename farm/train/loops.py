@@ -127,7 +127,14 @@ class BatchLoader(DataLoader):
     kept the finetune phase on a GPU at one example per step).  It is a DataLoader, with .dataset,
     .batch_size, .sampler, .generator and len() as usual, and yields the same batches in the same order as
     DataLoader(dataset, batch_size, shuffle, generator=...) with the same generator: per pass it draws the
-    same numbers (DataLoader's base seed, then RandomSampler's torch.randperm) from that generator."""
+    same numbers (DataLoader's base seed, then RandomSampler's torch.randperm) from that generator.
+
+    augment_seed: augment every batch where it lives (augment_batch: random shifts and flips), with draws
+    from a generator of its own, so the batches' order is the same with and without augmentation."""
+
+    def __init__(self, *args, augment_seed: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.augment_gen = None if augment_seed is None else torch.Generator().manual_seed(augment_seed)
 
     def __iter__(self):
         images, labels = self.dataset.tensors
@@ -141,20 +148,26 @@ class BatchLoader(DataLoader):
             if gen is not None and start + bs > n:  # a partial last batch: the sampler ran out before it
                 torch.randperm(n, generator=gen)
             idx = slice(start, start + bs) if order is None else order[start:start + bs]
-            yield images[idx], labels[idx]
+            x = images[idx]
+            yield (x if self.augment_gen is None else augment_batch(x, self.augment_gen)), labels[idx]
         if gen is not None and n % bs == 0:  # full batches only: the sampler runs out when one more is asked
             torch.randperm(n, generator=gen)
 
 
+# The augmentation stream's seed is the loader's plus this: apart from every order seed (31 bits plus a few).
+AUGMENT_SEED_OFFSET = 1 << 32
+
+
 def make_loader(images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, batch_size: int,
-                shuffle: bool, seed: int) -> DataLoader:
+                shuffle: bool, seed: int, augment: bool = False) -> DataLoader:
     """A loader over a subset, as the competition's unlearn() signature expects: seeded order, whole batches
-    gathered from the tensors where they live (BatchLoader)."""
+    gathered from the tensors where they live (BatchLoader), augmented there when asked (augment_batch)."""
     sel = torch.tensor(idx, dtype=torch.long)
     gen = torch.Generator()
     gen.manual_seed(seed)
     return BatchLoader(TensorDataset(images[sel.to(images.device)], labels[sel.to(labels.device)]),
-                       batch_size=batch_size, shuffle=shuffle, generator=gen)
+                       batch_size=batch_size, shuffle=shuffle, generator=gen,
+                       augment_seed=seed + AUGMENT_SEED_OFFSET if augment else None)
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float | None:

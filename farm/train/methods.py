@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from farm.spec import SpecError, is_file_ref
 
 PARAM_TYPES = ("float", "int", "bool", "choice")
-RESERVED_HPARAMS = ("seed",)  # consumed by the farm (a replicate seed, part of the model id), never passed on
+# Consumed by the farm, never passed on; part of the hparams hash, so of the model id: seed (a replicate
+# seed) and augment (the retain and forget loaders augment their batches, farm.train.loops.make_loader).
+RESERVED_HPARAMS = ("seed", "augment")
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,9 @@ def _random_other_labels(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return (y + shift) % n_classes
 
 
-def _n_classes(net, loader) -> int:
+def count_classes(net, loader) -> int:
+    """The net's number of outputs, from one forward pass on the loader's first batch (a new pass of the
+    loader, so its generator draws; in whatever mode the net is in)."""
     x, _ = next(iter(loader))
     with torch.no_grad():
         return int(net(x[:1].to(_device(net))).shape[-1])
@@ -180,6 +184,15 @@ def _forget_grads(net, forget) -> dict[str, torch.Tensor]:
              for name, p in net.named_parameters()}
     net.zero_grad(set_to_none=True)
     return grads
+
+
+@torch.no_grad()
+def add_weight_noise(net: torch.nn.Module, sigma: float) -> None:
+    """w += sigma * std(w) * N(0, 1) for every parameter tensor, in place (torch's global generator on the
+    parameter's device; std over the tensor, 1 for a tensor of one element)."""
+    for p in net.parameters():
+        scale = p.std() if p.numel() > 1 else torch.ones((), device=p.device)
+        p.add_(sigma * scale * torch.randn(p.shape, device=p.device))
 
 
 def _reset_module(m: torch.nn.Module) -> None:
@@ -233,7 +246,7 @@ def _relabel_on_retain(net, retain, forget, *, lr, epochs, momentum, weight_deca
     are replaced by random wrong ones; loss = CE(retain) + forget_weight * CE(forget, random label).
     With a mask, only the masked weights move (their gradients are zeroed elsewhere)."""
     device = _device(net)
-    n_classes = _n_classes(net, retain)
+    n_classes = count_classes(net, retain)
     opt = _sgd(net, lr, momentum, weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(retain)))
     fgt = _cycle(forget)
@@ -341,10 +354,7 @@ def noise_finetune(net, retain, forget, validation, *, sigma: float = 0.3, lr: f
                    momentum: float = 0.9, weight_decay: float = 5e-4):
     """Gaussian weight noise then fine-tune: w += sigma * std(w) * N(0, 1) for every parameter tensor
     (std over the tensor; 1 for tensors of one element), then fine-tune on the retain set."""
-    with torch.no_grad():
-        for p in net.parameters():
-            scale = p.std() if p.numel() > 1 else torch.ones((), device=p.device)
-            p.add_(sigma * scale * torch.randn(p.shape, device=p.device))
+    add_weight_noise(net, sigma)
     return _train_on(net, retain, epochs, lr, momentum, weight_decay)
 
 

@@ -1,0 +1,147 @@
+"""Built-in unlearning methods run over K unlearned models at once, on stacked weights (farm.train.stacked).
+
+A stacked method is its one-at-a-time twin of farm.train.methods, stepped for K models in lockstep:
+
+- model k keeps its own loaders, seeded as the engine seeds them for that model alone, so it sees the same
+  batches in the same order (and the same augmentations);
+- model k keeps its own random draws: a generator that continues the device's global generator from the
+  state it would be in for model k alone (the engine seeds it per model before building the model);
+- the loss is the sum of the K models' losses, so every stacked tensor's gradient is its own model's and
+  one SGD over the stacked tensors is K independent optimisers (momentum and weight decay are
+  elementwise); BatchNorm keeps each model's statistics (farm.train.stacked_resnet).
+
+So the K models end where K one-at-a-time runs end, up to the float rounding of the batched kernels.
+Only methods whose update is per model are here: finetune, neggrad_plus, random_label and noise_finetune.
+The others (scrub's teacher, salun's and erase_repair's per-model choices of weights or layers, a user's
+method) run one at a time. Like their twins, they run in float32 without autocast.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from farm.plan import Job
+from farm.train.methods import add_weight_noise, count_classes
+from farm.train.stacked import StackedModels
+
+
+def following_global(device: torch.device) -> torch.Generator:
+    """A generator in the state of the device's global generator now: its draws are the ones the global
+    generator would give next (torch.randint(..., generator=g) equals torch.randint(...) from that state)."""
+    gen = torch.Generator(device=device)
+    gen.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+    return gen
+
+
+def _lockstep(loaders: list[DataLoader]):
+    """One batch of every model per step, stacked: x [K, B, ...], y [K, B]. The loaders hold sets of one
+    size and one batch size (the run's retain or forget set), so their batches line up."""
+    for batches in zip(*loaders):
+        yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+
+
+def _cycle_lockstep(loaders: list[DataLoader]):
+    """_lockstep without end: each loader starts a new pass (and draws a new order) when it runs out, as
+    farm.train.methods._cycle does for one loader."""
+    while True:
+        yield from _lockstep(loaders)
+
+
+def _ce(stack: StackedModels, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[K] each model's mean cross-entropy on its own batch x[k], y[k]."""
+    logits = stack.forward(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(stack.k, -1).mean(1)
+
+
+def _sgd(stack: StackedModels, lr, momentum, weight_decay, steps):
+    opt = torch.optim.SGD(list(stack.params.values()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
+
+
+def _steps(stack, retains, loss_fn, epochs, lr, momentum, weight_decay) -> None:
+    """The twins' shared loop: SGD with a cosine schedule over `epochs` passes of the retain loaders;
+    loss_fn(x, y) -> [K] per-model losses on the step's retain batches."""
+    opt, sched = _sgd(stack, lr, momentum, weight_decay, epochs * len(retains[0]))
+    stack.train()
+    for _ in range(epochs):
+        for x, y in _lockstep(retains):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(x, y).sum().backward()
+            opt.step()
+            sched.step()
+    stack.train(False)
+
+
+def finetune(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_decay):
+    """farm.train.methods.finetune for K models: mean CE on each model's retain batch."""
+    _steps(stack, retains, lambda x, y: _ce(stack, x, y), epochs, lr, momentum, weight_decay)
+
+
+def noise_finetune(stack, retains, forgets, gens, *, sigma, lr, epochs, momentum, weight_decay):
+    """farm.train.methods.noise_finetune for K models: the noise was added to each model before stacking
+    (prepare), then finetune."""
+    finetune(stack, retains, forgets, gens, lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay)
+
+
+def neggrad_plus(stack, retains, forgets, gens, *, lr, epochs, alpha, momentum, weight_decay):
+    """farm.train.methods.neggrad_plus for K models: alpha * CE(retain) - (1 - alpha) * CE(forget) per model,
+    the retain batch's forward pass first (BatchNorm's running statistics see them in that order)."""
+    fgt = _cycle_lockstep(forgets)
+
+    def loss(x, y):
+        xf, yf = next(fgt)
+        return alpha * _ce(stack, x, y) - (1 - alpha) * _ce(stack, xf, yf)
+
+    _steps(stack, retains, loss, epochs, lr, momentum, weight_decay)
+
+
+def random_label(stack, retains, forgets, gens, *, lr, epochs, forget_weight, momentum, weight_decay,
+                 n_classes):
+    """farm.train.methods.random_label for K models: CE(retain) + forget_weight * CE(forget, a random wrong
+    label), model k's labels drawn from gens[k] as its twin draws them from the global generator."""
+    fgt = _cycle_lockstep(forgets)
+
+    def loss(x, y):
+        xf, yf = next(fgt)
+        shift = torch.stack([torch.randint(1, n_classes, yf[k].shape, device=yf.device, generator=g)
+                             for k, g in enumerate(gens)])
+        return _ce(stack, x, y) + forget_weight * _ce(stack, xf, (yf + shift) % n_classes)
+
+    _steps(stack, retains, loss, epochs, lr, momentum, weight_decay)
+
+
+@dataclass(frozen=True)
+class StackedMethod:
+    """A built-in's stacked twin: prepare(net, retain, forget, hparams) runs on each model alone before
+    stacking (what the twin does before its loop, in the same order) and returns extra keyword arguments,
+    the same for every model, for run(stack, retains, forgets, gens, **hparams, **extra)."""
+    run: Callable
+    prepare: Callable = lambda net, retain, forget, hparams: {}
+
+
+STACKED_METHODS: dict[str, StackedMethod] = {
+    "finetune": StackedMethod(finetune),
+    "neggrad_plus": StackedMethod(neggrad_plus),
+    # the twin's forward pass that finds the class count: in train mode, on the retain loader's first batch
+    # (its BatchNorm statistics and the loader's generator move, so they move here too)
+    "random_label": StackedMethod(random_label,
+                                  lambda net, retain, forget, hp: {"n_classes": count_classes(net, retain)}),
+    "noise_finetune": StackedMethod(noise_finetune,
+                                    lambda net, retain, forget, hp: add_weight_noise(net, hp["sigma"]) or {}),
+}
+
+
+def stack_key(job: Job) -> tuple | None:
+    """Jobs with equal keys can share a stack (the scheduler batches them, the engine stacks them): models
+    trained from scratch, whatever their role, or unlearned models of one stackable built-in method and
+    one set of hyper-parameters. None: an unlearned job that runs alone."""
+    if job.role != "unlearned":
+        return ("from scratch",)
+    if job.method not in STACKED_METHODS:
+        return None
+    return ("unlearned", job.method, json.dumps(job.hparams, sort_keys=True))

@@ -1,0 +1,250 @@
+"""farm.train.stacked_methods: K unlearned models stepped together by a built-in's stacked twin end where
+the built-in run on each model alone ends (weights, BatchNorm statistics, predictions), through the
+engine and the scheduler too."""
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from farm.plan import Job
+from farm.run import prepare_run, run_local
+from farm.spec import ModelSpec, SpecError, spec_from_dict
+from farm.store import RunStore
+from farm.train.engine import Engine, MethodError
+from farm.train.loops import make_loader
+from farm.train.methods import get_method
+from farm.train.models import build_model
+from farm.train.stacked import StackedModels
+from farm.train.stacked_methods import STACKED_METHODS, following_global, stack_key
+from tests.conftest import TINY_SPEC
+from tests.test_stacked_resnet import _assert_states_equal, _tiny_models
+
+K = 3
+HPARAMS = {"finetune": {}, "neggrad_plus": {"alpha": 0.7}, "random_label": {"forget_weight": 0.5},
+           "noise_finetune": {"sigma": 0.2}}
+TOL = dict(rtol=1e-8, atol=1e-9)  # float64: differences are the kernels' summation order only
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(channels, size, n=40, n_classes=3):
+    gen = torch.Generator().manual_seed(11)
+    images = torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
+    return images, torch.randint(0, n_classes, (n,), generator=gen)
+
+
+def _loaders(images, labels, seed):
+    """Model-seeded retain and forget loaders, as the engine makes them: 30 retain examples in batches of 8
+    (a short last batch), 10 forget examples (the forget loader cycles)."""
+    return (make_loader(images, labels, np.arange(30), 8, True, seed),
+            make_loader(images, labels, np.arange(30, 40), 8, True, seed + 1))
+
+
+def _one_at_a_time(name, models, images, labels, hparams):
+    method = get_method(name)
+    out = []
+    for k, model in enumerate(models):
+        torch.manual_seed(100 + k)  # what the engine's set_determinism does before a model's method
+        retain, forget = _loaders(images, labels, 10 * k)
+        out.append(method.fn(model, retain, forget, None, **hparams))
+    return out
+
+
+def _stacked(name, models, images, labels, hparams):
+    twin = STACKED_METHODS[name]
+    retains, forgets, gens, extra = [], [], [], {}
+    for k, model in enumerate(models):
+        torch.manual_seed(100 + k)
+        retain, forget = _loaders(images, labels, 10 * k)
+        extra = twin.prepare(model, retain, forget, hparams)
+        gens.append(following_global(images.device))
+        retains.append(retain)
+        forgets.append(forget)
+    stack = StackedModels(models)
+    twin.run(stack, retains, forgets, gens, **hparams, **extra)
+    return stack.unstack()
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_METHODS))
+@pytest.mark.parametrize("arch", ["small-cnn", "batchnorm"])
+def test_stacked_twin_ends_where_each_model_alone_ends(name, arch):
+    """float64, 2 epochs: the weights and (for BatchNorm) running statistics after the stacked twin equal
+    the built-in's on each model alone, and the method moved every model."""
+    if arch == "batchnorm":
+        make = lambda: _tiny_models(K, seed=4)  # noqa: E731
+        images, labels = _data(3, 8)
+    else:
+        def make():
+            torch.manual_seed(4)
+            return [build_model(ModelSpec(width=4), 1, 3, 8).double() for _ in range(K)]
+        images, labels = _data(1, 8)
+    hparams = get_method(name).resolve({**HPARAMS[name], "epochs": 2, "lr": 0.05})
+    start = make()
+    alone = _one_at_a_time(name, make(), images, labels, hparams)
+    together = _stacked(name, make(), images, labels, hparams)
+    for k in range(K):
+        _assert_states_equal(together[k].state_dict(), alone[k].state_dict(), **TOL)
+        moved = [n for n, v in start[k].state_dict().items() if v.is_floating_point()
+                 and not torch.allclose(v, alone[k].state_dict()[n])]
+        assert len(moved) >= len(list(start[k].parameters())) // 2, moved
+    with torch.no_grad():
+        for a, b in zip(alone, together):
+            torch.testing.assert_close(b.eval()(images), a.eval()(images), **TOL)
+
+
+def test_following_global_continues_the_global_generator():
+    torch.manual_seed(7)
+    torch.rand(5)
+    gen = following_global(torch.device("cpu"))
+    want = torch.randint(1, 10, (20,))
+    assert torch.equal(torch.randint(1, 10, (20,), generator=gen), want)
+
+
+def _unlearn_jobs(spec_dict, tmp_path, method, count=4, **hparams):
+    d = copy.deepcopy(spec_dict)
+    d["counts"] = {"original": 2}
+    d["unlearn"] = [{"method": method, "count": count, "hparams": {"epochs": 2, "lr": 0.05, **hparams}}]
+    spec = spec_from_dict(d)
+    preps = [prepare_run(spec, str(tmp_path / name)) for name in ("alone", "stacked")]
+    engines = [Engine(p.context(), threads=1) for p in preps]
+    originals = [j for j in preps[0].plan.jobs if j.role == "original"]
+    for engine in engines:  # the same originals in both stores, bit for bit (CPU, one thread)
+        for job in originals:
+            engine.run(job)
+    return engines, [j for j in preps[0].plan.jobs if j.role == "unlearned"]
+
+
+@pytest.mark.parametrize("method", ["random_label", "noise_finetune"])
+def test_the_engine_stacks_unlearned_jobs_as_it_runs_them_alone(method, tmp_path):
+    """Unlearned jobs of two originals through Engine.run one by one and Engine.run_batch as one stack
+    (the methods that draw random numbers): the same logits up to float rounding, markers per model."""
+    (alone, stacked), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, method)
+    assert len({j.parent for j in jobs}) == 2
+    for job in jobs:
+        alone.run(job)
+    markers = stacked.run_batch(jobs)
+    assert [m["batched"] for m in markers] == [len(jobs)] * len(jobs)
+    assert all(m["role"] == "unlearned" and m["method"] == method for m in markers)
+    a, b = RunStore(str(tmp_path / "alone")).read_conf(), RunStore(str(tmp_path / "stacked")).read_conf()
+    assert a.model_ids == b.model_ids
+    np.testing.assert_allclose(b.conf, a.conf, atol=2e-3, rtol=1e-3)
+    assert np.array_equal(a.trained_on, b.trained_on)
+    # the models differ from each other: each drew its own numbers
+    rows = a.conf[[a.model_ids.index(j.model_id) for j in jobs]]
+    assert len({r.tobytes() for r in rows}) == len(jobs)
+
+
+def test_the_engine_stacks_resnet18_unlearning(tmp_path):
+    """ResNet-18 (BatchNorm) finetunes of one original, alone and stacked, give the same logits."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (80, 8, 8, 3), dtype=np.uint8),
+             labels=rng.integers(0, 4, 80))
+    raw = copy.deepcopy(TINY_SPEC)
+    raw.update(model={"arch": "resnet18"}, queries=["plain"],
+               dataset={"name": "arrays", "path": str(tmp_path / "d.npz"), "test_fraction": 0.25})
+    raw["training"].update(epochs=1, batch_size=32)
+    (alone, stacked), jobs = _unlearn_jobs(raw, tmp_path, "finetune", count=2, lr=0.01)
+    for job in jobs:
+        alone.run(job)
+    assert [m["batched"] for m in stacked.run_batch(jobs)] == [2, 2]
+    a, b = RunStore(str(tmp_path / "alone")).read_conf(), RunStore(str(tmp_path / "stacked")).read_conf()
+    np.testing.assert_allclose(b.conf, a.conf, atol=2e-3, rtol=1e-3)
+
+
+def test_what_does_not_stack_runs_alone(tmp_path):
+    """A method without a twin, or a mix of methods or hyper-parameters, runs one model at a time."""
+    (_, engine), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, "scrub", count=2)
+    assert stack_key(jobs[0]) is None
+    assert [m["batched"] for m in engine.run_batch(jobs)] == [1, 1]
+    other = Job("unlearned-finetune-x-00000", "unlearned", 0, 5, jobs[0].train_idx, parent=jobs[0].parent,
+                method="finetune", hparams={"lr": 0.02})
+    same = Job("unlearned-finetune-y-00001", "unlearned", 1, 6, jobs[0].train_idx, parent=jobs[0].parent,
+               method="finetune", hparams={"lr": 0.01})
+    assert stack_key(other) != stack_key(same) and stack_key(jobs[0]) != stack_key(same)
+    assert stack_key(Job("shadow-00000", "shadow", 0, 1, jobs[0].train_idx)) == \
+        stack_key(Job("retrain-00000", "retrain", 0, 1, jobs[0].train_idx))
+
+
+def test_a_failing_stack_names_its_models(tmp_path, monkeypatch):
+    (_, engine), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, "finetune", count=2)
+
+    def broken(stack, *args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setitem(STACKED_METHODS, "finetune", STACKED_METHODS["finetune"].__class__(broken))
+    with pytest.raises(MethodError, match=f"models {jobs[0].model_id}, {jobs[1].model_id} \\(stacked\\): "
+                                          "method 'finetune' raised RuntimeError: out of memory"):
+        engine.run_batch(jobs)
+
+
+def test_the_runner_batches_unlearned_models_of_one_method_and_hparams(tmp_path):
+    """Through the plain loop with batch_models 3: two methods of 4 models each, each stacked in batches of
+    at most 3 models of one method, and a failing stack is retried one model at a time."""
+    d = copy.deepcopy(TINY_SPEC)
+    d["counts"] = {"original": 1}
+    d["unlearn"] = [{"method": "finetune", "count": 4, "hparams": {"epochs": 1}},
+                    {"method": "neggrad_plus", "count": 4, "hparams": {"epochs": 1}},
+                    {"method": "scrub", "count": 2, "hparams": {"epochs": 1}}]
+    d["resources"] = {"batch_models": 3}
+    result = run_local(prepare_run(spec_from_dict(d), str(tmp_path)), progress=False)
+    assert not result.failed and len(result.trained) == 11
+    markers = RunStore(str(tmp_path)).markers()
+    for method, want in (("finetune", [1, 3, 3, 3]), ("neggrad_plus", [1, 3, 3, 3]), ("scrub", [1, 1])):
+        assert sorted(m["batched"] for m in markers.values() if m["method"] == method) == want, method
+
+
+def test_augment_is_the_farms_hparam_and_stacks(tmp_path):
+    """hparams.augment: true gives other model ids and other models (the retain and forget batches are
+    augmented), is not passed to the method, stacks like any other run, and must be a boolean."""
+    (alone, stacked), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, "random_label", count=2, augment=True)
+    (plain, _), plain_jobs = _unlearn_jobs(TINY_SPEC, tmp_path / "plain", "random_label", count=2)
+    assert {j.model_id for j in jobs}.isdisjoint(j.model_id for j in plain_jobs)
+    assert "augment" not in get_method("random_label").resolve(jobs[0].hparams)
+    for job in jobs:
+        alone.run(job)
+    stacked.run_batch(jobs)
+    a, b = RunStore(str(tmp_path / "alone")).read_conf(), RunStore(str(tmp_path / "stacked")).read_conf()
+    np.testing.assert_allclose(b.conf, a.conf, atol=2e-3, rtol=1e-3)
+    # one job, with and without augment, in two stores with the same original: other batches, other model
+    plain.run(plain_jobs[0])
+    alone.run(dataclasses.replace(plain_jobs[0], hparams={**plain_jobs[0].hparams, "augment": True}))
+    c, a = RunStore(str(tmp_path / "plain" / "alone")).read_conf(), RunStore(str(tmp_path / "alone")).read_conf()
+    mid = plain_jobs[0].model_id
+    assert np.abs(c.conf[c.model_ids.index(mid)] - a.conf[a.model_ids.index(mid)]).max() > 1e-2
+    d = copy.deepcopy(TINY_SPEC)
+    d["unlearn"][0]["hparams"]["augment"] = "yes"
+    with pytest.raises(SpecError, match=r"unlearn\[0\].hparams.augment must be true or false, got 'yes'"):
+        spec_from_dict(d)
+
+
+@pytest.mark.parametrize("role", ["unlearned", "shadow"])
+def test_a_models_bits_do_not_depend_on_the_stack_it_lands_in(role, tmp_path):
+    """In a stacking run (batch_models 3) a model's logits are the same bits whether the scheduler hands it
+    over alone, with one other model or with two (CPU): a job alone is stacked with a throwaway copy."""
+    d = copy.deepcopy(TINY_SPEC)
+    d["resources"] = {"batch_models": 3}
+    if role == "shadow":
+        d["counts"], d["unlearn"] = {"shadow": 4}, []
+        spec = spec_from_dict(d)
+        preps = [prepare_run(spec, str(tmp_path / name)) for name in ("alone", "stacked")]
+        engines = [Engine(p.context(), threads=1) for p in preps]
+        jobs = preps[0].plan.jobs[:3]
+    else:
+        engines, jobs = _unlearn_jobs(d, tmp_path, "random_label", count=3)
+    apart, together = engines
+    assert apart.stacking()
+    markers = apart.run_batch(jobs[:1]) + apart.run_batch(jobs[1:])
+    assert [m["batched"] for m in markers] == [1, 2, 2]
+    together.run_batch(jobs)
+    a = RunStore(str(tmp_path / "alone")).read_conf()
+    b = RunStore(str(tmp_path / "stacked")).read_conf()
+    assert set(j.model_id for j in jobs) <= set(a.model_ids) and a.model_ids == b.model_ids
+    assert a.conf.tobytes() == b.conf.tobytes()
