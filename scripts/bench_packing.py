@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """ResNet-18 (or the small CNN) on one GPU: P worker processes sharing the card (what `resources.gpus: 1/P`
 gives under Ray) versus one, each training K models stacked in one network (`resources.batch_models: K`,
-farm.train.stacked; K=1 is one model at a time), and the GPU-hours of the cifar10-resnet18 preset's
-evaluation set derived from the best measurement.
+farm.train.stacked; K=1 is one model at a time), and, per setting, the GPU-seconds of one retrain and one
+finetune of the cifar10-resnet18 preset and the GPU-hours of its 512 + 512 evaluation set, as ratios against
+P=4 packing of one model at a time (the preset's setting) when that setting is measured in the same run.
 
 Every process runs the engine's own code (farm.train.loops.train_model, predict_logits and the finetune
-method through the competition's DataLoader signature) on synthetic 32x32 CIFAR-shaped data: the time of
-a training step does not depend on the pixel values, and nothing is downloaded. Phases start together
-(a barrier); a phase's aggregate rate is P x images / (last finish - first start).
+method through the competition's DataLoader signature) on a synthetic 32x32 CIFAR-shaped task (class
+templates under noise, synthetic_task): the time of a training step does not depend on the pixel values, and
+nothing is downloaded. Phases start together (a barrier); a phase's aggregate rate is P x K x images /
+(last finish - first start). Each setting also prints its models' accuracy on held-out images of the task,
+with its binomial standard error: settings that compute the same models should agree within it.
 
 ResNet-18 stacks as grouped convolutions with BatchNorm per model (farm.train.stacked_resnet); every phase of
 a stacked worker runs its K models at once (rates count K x images): the finetune phase through the method's
@@ -37,6 +40,8 @@ import numpy as np
 
 PHASES = ("train", "finetune", "predict")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+TEST_IMAGES = 2048  # held-out images of the synthetic task per process, for the accuracy check
+AMPLITUDE = 0.3  # of the synthetic task's class templates against the noise
 
 
 SHAPES = {"resnet18": dict(channels=3, size=32, batch=128, augment=True, width=16),
@@ -53,8 +58,22 @@ def worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_form
         barrier.abort()  # the other workers stop waiting at their next phase
 
 
+def synthetic_task(n: int, shape: dict, gen):
+    """n CIFAR-shaped (or Fashion-MNIST-shaped) images of a learnable 10-class task: image = AMPLITUDE x its
+    class's template (a random 4x4 pattern per channel, smoothly upsampled) + (1 - AMPLITUDE) x uniform
+    noise; the templates are the same in every process (seed 0), the noise and labels come from gen. A step's time does not depend on the pixels; the task only makes accuracy mean
+    something (chance is 0.1), so a setting that trains wrongly shows."""
+    import torch
+
+    size = (shape["channels"], shape["size"], shape["size"])
+    coarse = torch.rand(10, shape["channels"], 4, 4, generator=torch.Generator().manual_seed(0))
+    templates = torch.nn.functional.interpolate(coarse, size=size[1:], mode="bilinear", align_corners=False)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return AMPLITUDE * templates[labels] + (1 - AMPLITUDE) * torch.rand(n, *size, generator=gen), labels
+
+
 def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_format: str, compile_: str,
-               barrier) -> tuple[dict, float]:
+               barrier) -> tuple[dict, float, list[int]]:
     import torch
 
     from farm.train.methods import get_method
@@ -69,8 +88,10 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     configure_gpu_kernels(device)  # as farm.train.engine.Engine runs
     gen = torch.Generator().manual_seed(rank)
     shape = SHAPES[arch]
-    images = torch.rand(n, shape["channels"], shape["size"], shape["size"], generator=gen).to(device)
-    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
+    images, labels = synthetic_task(n, shape, gen)
+    images, labels = images.to(device), labels.to(device)
+    test_images, test_labels = synthetic_task(TEST_IMAGES, shape, torch.Generator().manual_seed(10_000 + rank))
+    test_images = test_images.to(device)
     cfg = TrainingSpec(epochs=1, batch_size=shape["batch"], lr=0.1, augment=shape["augment"], eval_batch_size=2048,
                        precision=precision)
     torch.manual_seed(rank)
@@ -123,13 +144,20 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
         t0 = time.time()
         run(phase, n)
         times[phase] = (t0, time.time())
-    return times, warm_s
+    # every model's accuracy on held-out images of the task, after the warm-up's and the timed passes
+    if stacked is not None:
+        logits = torch.from_numpy(predict_stacked_chunks(stacked, test_images, ("plain",), 512, precision))[:, :, 0]
+    else:
+        logits = torch.from_numpy(predict_logits(net, test_images, ("plain",), 512, precision))[None, :, 0]
+    correct = (logits.argmax(-1) == test_labels[None]).sum(1).tolist()
+    return times, warm_s, correct
 
 
 def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1, memory_format: str = "contiguous",
-            compile_: str = "off") -> tuple[dict[str, float], float]:
+            compile_: str = "off") -> tuple[dict[str, float], float, float]:
     """Aggregate images per second per phase for `procs` processes sharing the device, each training `stack`
-    models at once (train and predict count every model's images), and the slowest worker's warm-up seconds."""
+    models at once (every phase counts every model's images), the slowest worker's warm-up seconds, and the
+    models' mean accuracy on held-out images of the synthetic task."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -146,10 +174,10 @@ def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1, memor
     errors = [r for r in results if isinstance(r, str)]
     if errors:
         raise SystemExit(errors[0])  # the first to fail; the others only saw the barrier broken
-    models = {"train": stack, "finetune": stack, "predict": stack}
-    rates = {ph: procs * models[ph] * n / (max(r[ph][1] for r, _ in results) - min(r[ph][0] for r, _ in results))
+    rates = {ph: procs * stack * n / (max(r[ph][1] for r, _, _ in results) - min(r[ph][0] for r, _, _ in results))
              for ph in PHASES}
-    return rates, max(w for _, w in results)
+    correct = [c for _, _, cs in results for c in cs]
+    return rates, max(w for _, w, _ in results), sum(correct) / (len(correct) * TEST_IMAGES)
 
 
 def label(key: tuple) -> str:
@@ -187,14 +215,16 @@ def main() -> None:
                   f"tensors, no module to convert)", flush=True)
             continue
         try:
-            r, warm_s = measure(args.arch, p, args.images, precision, k, memory_format, compile_)
+            r, warm_s, acc = measure(args.arch, p, args.images, precision, k, memory_format, compile_)
         except SystemExit as exc:  # e.g. out of memory at a large K: the other settings still count
             print(f"  {name}: failed ({exc})", flush=True)
             continue
         rates[key] = r
         compiled = f" | compile+warm-up {warm_s:.1f} s" if compile_ == "on" else ""
-        print(f"  {name}: train {r['train']:8.0f} img/s | finetune (batch loader) {r['finetune']:8.0f} img/s | "
-              f"predict x2 queries {r['predict']:8.0f} img/s{compiled}", flush=True)
+        se = (acc * (1 - acc) / (p * k * TEST_IMAGES)) ** 0.5
+        print(f"  {name}: train {r['train']:8.0f} img/s | finetune {r['finetune']:8.0f} img/s | "
+              f"predict x2 queries {r['predict']:8.0f} img/s | test accuracy {acc:.3f} +- {se:.3f}{compiled}",
+              flush=True)
     if not rates:  # every setting failed or was skipped
         return
     base, *others = rates
@@ -209,26 +239,41 @@ def main() -> None:
         print(f"  one fashion-mnist shadow (5 epochs x 30,000 + predicting 70,000): {best:.3f} GPU-s at the best "
               f"setting measured ({label(key)})")
         return
-    # GPU-hours of the preset's evaluation set (retrained + unlearned models), from the best measured packing
+    # GPU-seconds of one retrain and one unlearned model of the cifar10-resnet18 preset at every setting, the
+    # GPU-hours of its 512 + 512 evaluation set, and their ratio to P=4 packing of one model at a time (the
+    # preset's setting until measured otherwise) in the same run
     spec = load_spec("cifar10-resnet18")
     retain = int(CIFAR_TRAIN * (1 - spec.forget.fraction))
     method = spec.unlearn[0]
+    epochs_u = method.hparams.get("epochs", 1)
     n_retrain, n_unlearned = spec.count("retrain"), method.count
-    for precision in args.precisions:
+    print(f"  sizing: retrain = {spec.training.epochs} epochs x {retain} images + predicting "
+          f"{CIFAR_TRAIN + CIFAR_TEST} x 2 queries; {method.method} = {epochs_u} epochs x {retain} + the same "
+          f"predictions; the set = {n_retrain} + {n_unlearned} models")
+    sizing = {}
+    for key, r in rates.items():
+        predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]
+        retrain_s = spec.training.epochs * retain / r["train"] + predict_s
+        unlearn_s = epochs_u * retain / r["finetune"] + predict_s
+        sizing[key] = (retrain_s, unlearn_s, (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600)
+    for key, (retrain_s, unlearn_s, hours) in sizing.items():
+        packed = (key[0], 4, 1, "contiguous", "off")
+        ratio = (f" | vs {label(packed)}: retrain {sizing[packed][0] / retrain_s:.2f}x, {method.method} "
+                 f"{sizing[packed][1] / unlearn_s:.2f}x, set {sizing[packed][2] / hours:.2f}x"
+                 if packed in sizing and packed != key else "")
+        print(f"    {label(key):<42} retrain {retrain_s:7.1f} GPU-s | {method.method} {unlearn_s:6.1f} GPU-s | "
+              f"set {hours:6.2f} GPU-hours{ratio}")
+    for precision in args.precisions:  # the cheapest set per precision, each phase at its own best setting
         mine = {key: r for key, r in rates.items() if key[0] == precision}
         if not mine:
             continue
-        best = max(mine, key=lambda key: mine[key]["train"])
-        r = mine[best]
-        fine = max(mine.values(), key=lambda m: m["finetune"])["finetune"]  # at its own best setting
-        predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]
-        retrain_s = spec.training.epochs * retain / r["train"] + predict_s
-        unlearn_s = method.hparams.get("epochs", 1) * retain / fine + predict_s
+        best_train = max(mine, key=lambda key: mine[key]["train"])
+        best_fine = max(mine, key=lambda key: mine[key]["finetune"])
+        retrain_s, unlearn_s = sizing[best_train][0], sizing[best_fine][1]
         hours = (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600
-        print(f"  sizing ({label(best)} per GPU): one retrain ({spec.training.epochs} epochs x {retain} "
-              f"images + predicting {CIFAR_TRAIN + CIFAR_TEST}) {retrain_s:.1f} GPU-s; one {method.method} "
-              f"({method.hparams.get('epochs', 1)} epochs) {unlearn_s:.1f} GPU-s; {n_retrain} + {n_unlearned} "
-              f"models: {hours:.2f} GPU-hours")
+        print(f"  sizing ({precision}, retrains at {label(best_train)}, {method.method} at {label(best_fine)}): "
+              f"one retrain {retrain_s:.1f} GPU-s; one {method.method} ({epochs_u} epochs) {unlearn_s:.1f} GPU-s; "
+              f"{n_retrain} + {n_unlearned} models: {hours:.2f} GPU-hours")
 
 
 if __name__ == "__main__":

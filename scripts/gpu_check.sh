@@ -8,8 +8,10 @@
 # on an H100/H200) against one at a time; the limits add up to 300 s, within one device call with room for
 # a rerun. PART=more (a second call, limits 510 s): 256 shadows with grouped convolutions and with
 # deterministic kernels, the deterministic layouts' step and the packing figures. PART=compile (210 s): the
-# batched-products profile and torch.compile timings. PART=resnet (540 s): ResNet-18 on CIFAR-shaped data,
-# P processes per GPU x K models stacked per process, and the GPU-hours of the 512 + 512 set at the best.
+# batched-products profile and torch.compile timings. PART=resnet (540 s): ResNet-18 on a CIFAR-shaped
+# synthetic task, P processes per GPU x K models stacked per process (training, the finetune method's
+# stacked twin, prediction), each setting's test accuracy, and per setting one retrain's and one finetune's
+# GPU-seconds and the 512 + 512 set's GPU-hours, as ratios against P=4 packing measured in the same call.
 # PART=levers (540 s): ResNet-18 one model at a time (P=1, K=1), bf16 and fp32 x contiguous and channels_last
 # x torch.compile off and on (12288 images: whole batches and predict chunks, so no partial-batch graphs).
 set -u

@@ -248,3 +248,34 @@ def test_a_models_bits_do_not_depend_on_the_stack_it_lands_in(role, tmp_path):
     b = RunStore(str(tmp_path / "stacked")).read_conf()
     assert set(j.model_id for j in jobs) <= set(a.model_ids) and a.model_ids == b.model_ids
     assert a.conf.tobytes() == b.conf.tobytes()
+
+
+def test_the_ray_driver_waits_as_long_as_a_stack_may_run():
+    """The driver's backstop deadline follows the engine's limit: the sum of a batch's limits, and twice a
+    stackable job's own when it comes alone in a stacking run (stacked with its copy)."""
+    from farm.run.ray_executor import DRIVER_GRACE_SECONDS, _deadline
+    from farm.train.timelimit import grace_seconds
+
+    def job(i, method="finetune"):
+        return Job(f"unlearned-{method}-x-{i:05d}", "unlearned", i, i, np.arange(3), parent="original-00000",
+                   method=method, time_limit=10.0)
+
+    def after(limit):
+        return limit + grace_seconds(limit) + DRIVER_GRACE_SECONDS
+
+    assert _deadline([job(0)], 0.0, stacking=True) == after(20)
+    assert _deadline([job(0)], 0.0, stacking=False) == after(10)
+    assert _deadline([job(0, "scrub")], 0.0, stacking=True) == after(10)
+    assert _deadline([job(0), job(1), job(2)], 0.0, stacking=True) == after(30)
+    assert _deadline([Job("shadow-00000", "shadow", 0, 0, np.arange(3))], 0.0, stacking=True) is None
+
+
+def test_auto_stacks_two_pass_methods_half_as_deep(tmp_path):
+    """batch_models auto sizes a batch from a training step's memory; neggrad_plus and random_label hold two
+    forward passes' activations a step, so the engine cuts their batch in two stacks; finetune keeps one."""
+    d = copy.deepcopy(TINY_SPEC)
+    d["resources"] = {"batch_models": "auto"}
+    (_, engine), jobs = _unlearn_jobs(d, tmp_path / "neggrad", "neggrad_plus", count=5)
+    assert [m["batched"] for m in engine.run_batch(jobs)] == [3, 3, 3, 2, 2]
+    (_, engine), jobs = _unlearn_jobs(d, tmp_path / "finetune", "finetune", count=5)
+    assert [m["batched"] for m in engine.run_batch(jobs)] == [5] * 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import platform
 import sys
@@ -126,6 +127,17 @@ class Engine:
             return [done[j.model_id] for j in jobs]
         if len(jobs) == 1 and not self.stacking():
             return [self.run(jobs[0])]
+        passes = STACKED_METHODS[jobs[0].method].passes if jobs[0].role == "unlearned" else 1
+        size = len(jobs)
+        if passes > 1 and self.spec.resources.batch_models == "auto":
+            # "auto" sized the batch from a training step's memory; a step of this method holds `passes`
+            # forward passes' activations, so its stacks hold 1/passes as many models
+            size = math.ceil(len(jobs) / passes)
+        return [m for i in range(0, len(jobs), size) for m in self._stack(jobs[i:i + size])]
+
+    def _stack(self, jobs: list[Job]) -> list[dict]:
+        """One stack of jobs that share a stack_key, trained or unlearned, then committed (a job alone with a
+        throwaway copy of itself, run_batch)."""
         stacked = jobs if len(jobs) > 1 else jobs * 2
         start = time.perf_counter()
         stack = self._unlearn_stack(stacked) if jobs[0].role == "unlearned" else self._train_stack(stacked)

@@ -122,15 +122,19 @@ class StackedMethod:
     the same for every model, for run(stack, retains, forgets, gens, **hparams, **extra)."""
     run: Callable
     prepare: Callable = lambda net, retain, forget, hparams: {}
+    passes: int = 1  # forward passes per step, whose activations a step holds at once: its memory per model
+
+
 
 
 STACKED_METHODS: dict[str, StackedMethod] = {
     "finetune": StackedMethod(finetune),
-    "neggrad_plus": StackedMethod(neggrad_plus),
+    "neggrad_plus": StackedMethod(neggrad_plus, passes=2),
     # the twin's forward pass that finds the class count: in train mode, on the retain loader's first batch
     # (its BatchNorm statistics and the loader's generator move, so they move here too)
     "random_label": StackedMethod(random_label,
-                                  lambda net, retain, forget, hp: {"n_classes": count_classes(net, retain)}),
+                                  lambda net, retain, forget, hp: {"n_classes": count_classes(net, retain)},
+                                  passes=2),
     "noise_finetune": StackedMethod(noise_finetune,
                                     lambda net, retain, forget, hp: add_weight_noise(net, hp["sigma"]) or {}),
 }
