@@ -35,17 +35,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _data(channels, size, n=40, n_classes=3):
+def _data(channels, size, n=42, n_classes=3):
     gen = torch.Generator().manual_seed(11)
     images = torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
     return images, torch.randint(0, n_classes, (n,), generator=gen)
 
 
 def _loaders(images, labels, seed):
-    """Model-seeded retain and forget loaders, as the engine makes them: 30 retain examples in batches of 8
-    (a short last batch), 10 forget examples (the forget loader cycles)."""
-    return (make_loader(images, labels, np.arange(30), 8, True, seed),
-            make_loader(images, labels, np.arange(30, 40), 8, True, seed + 1))
+    """Model-seeded retain and forget loaders, as the engine makes them: 32 retain examples in whole batches
+    of 8 (a pass that ends on a whole batch draws once more at its end, as DataLoader's sampler does), 10
+    forget examples (a short last batch; the forget loader cycles)."""
+    return (make_loader(images, labels, np.arange(32), 8, True, seed),
+            make_loader(images, labels, np.arange(32, 42), 8, True, seed + 1))
 
 
 def _one_at_a_time(name, models, images, labels, hparams):
@@ -279,3 +280,33 @@ def test_auto_stacks_two_pass_methods_half_as_deep(tmp_path):
     assert [m["batched"] for m in engine.run_batch(jobs)] == [3, 3, 3, 2, 2]
     (_, engine), jobs = _unlearn_jobs(d, tmp_path / "finetune", "finetune", count=5)
     assert [m["batched"] for m in engine.run_batch(jobs)] == [5] * 5
+
+
+def test_a_tune_trial_stacks_its_models_as_a_run_does(tmp_path):
+    """A trial of `ufarm tune` on a run with batch_models 3 makes its missing models in stacks within each
+    report_every models (the reports come where they would), and they are the same bits as the same models
+    made by `ufarm run`'s plain loop, stacked otherwise."""
+    from farm.run.tune import parse_tune, prepare_setup, score_hparams, trial_hparams
+
+    d = copy.deepcopy(TINY_SPEC)
+    d.update(resources={"batch_models": 3}, counts={"original": 2, "retrain": 4}, unlearn=[])
+    d["tune"] = {"method": "finetune", "models": 5, "report_every": 2, "params": {"lr": [0.01, 0.02]}}
+    spec = spec_from_dict(d)
+    setup = prepare_setup(spec, parse_tune(spec), str(tmp_path / "tune"), local=True, progress=False)
+    hparams = trial_hparams(get_method("finetune"), {"lr": 0.02}, setup.fixed, 0)
+    reports = []
+    score_hparams(setup, hparams, report=reports.append)
+    assert [r["models"] for r in reports] == [2, 4, 5] and reports[-1]["models_trained"] == 5
+    tuned = RunStore(str(tmp_path / "tune"))
+    assert sorted(m["batched"] for m in tuned.markers().values() if m["role"] == "unlearned") == [1, 2, 2, 2, 2]
+    del d["tune"]
+    d["unlearn"] = [{"method": "finetune", "count": 5, "hparams": hparams}]
+    result = run_local(prepare_run(spec_from_dict(d), str(tmp_path / "run")), progress=False)
+    assert not result.failed
+    ran = RunStore(str(tmp_path / "run"))
+    assert sorted(m["batched"] for m in ran.markers().values() if m["role"] == "unlearned") == [2, 2, 3, 3, 3]
+    a, b = tuned.read_conf(roles=("unlearned",)), ran.read_conf(roles=("unlearned",))
+    assert len(a.model_ids) == 5 and a.model_ids == b.model_ids
+    assert a.conf.tobytes() == b.conf.tobytes()
+    # a second trial of the same point reuses every model
+    assert score_hparams(setup, hparams)["models_reused"] == 5

@@ -23,8 +23,7 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
         # the same thread count as a Ray worker gets, so both executors give bit-identical models on CPU
         threads = threads or max(1, int(prep.spec.resources.cpus))
         engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
-        batch_models = prep.spec.resources.batch_models
-        k = 1 if engine is None else engine.batch_capacity() if batch_models == "auto" else int(batch_models)
+        k = 1 if engine is None else engine.stack_size()
         log.info("plain loop: %d threads, up to %d models per stacked batch, %d jobs", threads, k, len(prep.pending))
         while sched.queue:
             jobs = sched.take(k)

@@ -143,13 +143,17 @@ class Engine:
         stack = self._unlearn_stack(stacked) if jobs[0].role == "unlearned" else self._train_stack(stacked)
         return self._commit_stack(jobs, stack, start)
 
-    def stacking(self) -> bool:
-        """Whether this run stacks models (resources.batch_models above 1, or "auto" where it picks more than
-        one), so that a job alone is stacked too (run_batch)."""
-        if getattr(self, "_stacking", None) is None:
+    def stack_size(self) -> int:
+        """Models per stacked batch in this run: resources.batch_models, or for "auto" what batch_capacity
+        picks here (measured once)."""
+        if getattr(self, "_stack_size", None) is None:
             k = self.spec.resources.batch_models
-            self._stacking = (self.batch_capacity() if k == "auto" else int(k)) > 1
-        return self._stacking
+            self._stack_size = self.batch_capacity() if k == "auto" else int(k)
+        return self._stack_size
+
+    def stacking(self) -> bool:
+        """Whether this run stacks models, so that a job alone is stacked too (run_batch)."""
+        return self.stack_size() > 1
 
     def _train_stack(self, jobs: list[Job]) -> StackedModels:
         models, gens = [], []

@@ -39,10 +39,17 @@ def following_global(device: torch.device) -> torch.Generator:
 
 
 def _lockstep(loaders: list[DataLoader]):
-    """One batch of every model per step, stacked: x [K, B, ...], y [K, B]. The loaders hold sets of one
-    size and one batch size (the run's retain or forget set), so their batches line up."""
-    for batches in zip(*loaders):
+    """One pass of every model's loader, a batch of each per step, stacked: x [K, B, ...], y [K, B]. The
+    loaders hold sets of one size and one batch size (the run's retain or forget set), so their batches
+    line up. Every pass is run to its end, as a for loop over one loader runs it: a pass that ends on a
+    whole batch draws once more from its generator then (as DataLoader's sampler does), and zip alone would
+    leave all but the first loader's pass before that draw."""
+    passes = [iter(loader) for loader in loaders]
+    for batches in zip(*passes):
         yield torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+    for rest in passes[1:]:
+        if next(rest, None) is not None:
+            raise ValueError("stacked loaders of different lengths")
 
 
 def _cycle_lockstep(loaders: list[DataLoader]):

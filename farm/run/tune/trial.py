@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -80,38 +81,77 @@ def score_hparams(setup: TrialSetup, hparams: dict, report=None, engine=None) ->
     """Make (or reuse) the trial's K models in this process and score them; `report(metrics)` is called
     after every setup.report_every models (from 2 on) and at the end. Returns the last metrics.
 
+    The models missing from the store are made in stacks, as `ufarm run` makes them (the run's
+    resources.batch_models, within each report_every models so the reports come where they would), so a
+    model made by a trial and one made by a run are the same bits on a CPU.
+
     A model that fails is written to <run>/failed/<model_id>.json with its traceback, and the trial stops
-    with TrialError naming the model (the search goes on with the other trials)."""
+    with TrialError naming the model (the search goes on with the other trials); in a stack that fails,
+    its models are made again one at a time to find which."""
     store = RunStore(setup.ctx.store_uri)
     jobs = trial_jobs(setup, hparams)
     n_q = len(setup.spec.queries)
     conf, markers, trained, metrics = [], [], 0, {}
     every = setup.report_every or setup.models
-    for job in jobs:
-        marker_rel = f"models/{job.model_id}.json"
-        marker = store.read_json(marker_rel) if store.exists(marker_rel) else None
-        try:
-            if marker is None:
-                if engine is None:
-                    engine = Engine(setup.ctx, threads=setup.threads)
-                marker = engine.run(job)
-                trained += 1
-            table = store.read_logits(job.model_id, marker, columns=["conf"])
-        except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-            store.write_failure(job.model_id, {
-                "role": job.role, "error": message, "traceback": traceback.format_exc(), "attempts": 1,
-                "worker_deaths": 0, "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            raise TrialError(f"model {job.model_id} failed: {message}") from exc
-        c = table.column("conf").to_numpy().reshape(-1, n_q)[:, 0]
-        conf.append(c[setup.forget_idx].astype(np.float64))
-        markers.append(marker)
-        n = len(markers)
-        if n >= 2 and (n % every == 0 or n == len(jobs)):
-            metrics = metrics_of(setup, conf, markers, trained)
-            if report is not None:
-                report(metrics)
+    for start in range(0, len(jobs), every):
+        chunk = jobs[start:start + every]
+        made: dict[str, dict] = {}
+        todo = []
+        for job in chunk:
+            try:
+                if not store.exists(f"models/{job.model_id}.json"):
+                    todo.append(job)
+            except Exception:
+                _fail(store, job)
+        if todo and engine is None:
+            engine = Engine(setup.ctx, threads=setup.threads)
+        size = engine.stack_size() if todo else 1
+        for i in range(0, len(todo), size):
+            made.update(_make(engine, store, todo[i:i + size]))
+        trained += len(todo)
+        for job in chunk:
+            try:
+                marker = made.get(job.model_id) or store.read_json(f"models/{job.model_id}.json")
+                table = store.read_logits(job.model_id, marker, columns=["conf"])
+            except Exception:
+                _fail(store, job)
+            c = table.column("conf").to_numpy().reshape(-1, n_q)[:, 0]
+            conf.append(c[setup.forget_idx].astype(np.float64))
+            markers.append(marker)
+            n = len(markers)
+            if n >= 2 and (n % every == 0 or n == len(jobs)):
+                metrics = metrics_of(setup, conf, markers, trained)
+                if report is not None:
+                    report(metrics)
     return metrics
+
+
+def _make(engine: Engine, store: RunStore, jobs: list) -> dict[str, dict]:
+    """The jobs' markers, made as one stack (Engine.run_batch); if the stack fails, one at a time, so that
+    the failing model is named (_fail) and the models before it are kept."""
+    try:
+        return dict(zip((j.model_id for j in jobs), engine.run_batch(jobs)))
+    except Exception:
+        if len(jobs) == 1:
+            _fail(store, jobs[0])
+    made = {}
+    for job in jobs:  # those the stack committed before it failed (models made one at a time) are kept
+        rel = f"models/{job.model_id}.json"
+        try:
+            made[job.model_id] = store.read_json(rel) if store.exists(rel) else engine.run_batch([job])[0]
+        except Exception:
+            _fail(store, job)
+    return made
+
+
+def _fail(store: RunStore, job) -> None:
+    """Record the exception being handled as the model's failure and stop the trial with TrialError."""
+    exc = sys.exc_info()[1]
+    message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    store.write_failure(job.model_id, {
+        "role": job.role, "error": message, "traceback": traceback.format_exc(), "attempts": 1,
+        "worker_deaths": 0, "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    raise TrialError(f"model {job.model_id} failed: {message}") from exc
 
 
 def trainable(config, setup: TrialSetup):
