@@ -9,8 +9,9 @@ Every process runs the engine's own code (farm.train.loops.train_model, predict_
 method through the competition's DataLoader signature) on a synthetic 32x32 CIFAR-shaped task (class
 templates under noise, synthetic_task): the time of a training step does not depend on the pixel values, and
 nothing is downloaded. Phases start together (a barrier); a phase's aggregate rate is P x K x images /
-(last finish - first start). Each setting also prints its models' accuracy on held-out images of the task,
-with its binomial standard error: settings that compute the same models should agree within it.
+(last finish - first start). Each setting also prints its models' mean accuracy on held-out images of the
+task, with the binomial standard error of those images (the spread between models comes on top): a setting
+that trains wrongly falls towards chance, 0.1.
 
 ResNet-18 stacks as grouped convolutions with BatchNorm per model (farm.train.stacked_resnet); every phase of
 a stacked worker runs its K models at once (rates count K x images): the finetune phase through the method's

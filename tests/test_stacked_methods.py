@@ -23,7 +23,8 @@ from tests.test_stacked_resnet import _assert_states_equal, _tiny_models
 
 K = 3
 HPARAMS = {"finetune": {}, "neggrad_plus": {"alpha": 0.7}, "random_label": {"forget_weight": 0.5},
-           "noise_finetune": {"sigma": 0.2}}
+           "noise_finetune": {"sigma": 0.2}, "erase_repair": {"layers": 2}, "retrain": {},
+           "scrub": {"max_epochs": 1, "alpha": 0.5, "gamma": 2.0}}
 TOL = dict(rtol=1e-8, atol=1e-9)  # float64: differences are the kernels' summation order only
 
 
@@ -162,7 +163,7 @@ def test_the_engine_stacks_resnet18_unlearning(tmp_path):
 
 def test_what_does_not_stack_runs_alone(tmp_path):
     """A method without a twin, or a mix of methods or hyper-parameters, runs one model at a time."""
-    (_, engine), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, "scrub", count=2)
+    (_, engine), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, "salun", count=2)
     assert stack_key(jobs[0]) is None
     assert [m["batched"] for m in engine.run_batch(jobs)] == [1, 1]
     other = Job("unlearned-finetune-x-00000", "unlearned", 0, 5, jobs[0].train_idx, parent=jobs[0].parent,
@@ -193,12 +194,12 @@ def test_the_runner_batches_unlearned_models_of_one_method_and_hparams(tmp_path)
     d["counts"] = {"original": 1}
     d["unlearn"] = [{"method": "finetune", "count": 4, "hparams": {"epochs": 1}},
                     {"method": "neggrad_plus", "count": 4, "hparams": {"epochs": 1}},
-                    {"method": "scrub", "count": 2, "hparams": {"epochs": 1}}]
+                    {"method": "salun", "count": 2, "hparams": {"epochs": 1}}]
     d["resources"] = {"batch_models": 3}
     result = run_local(prepare_run(spec_from_dict(d), str(tmp_path)), progress=False)
     assert not result.failed and len(result.trained) == 11
     markers = RunStore(str(tmp_path)).markers()
-    for method, want in (("finetune", [1, 3, 3, 3]), ("neggrad_plus", [1, 3, 3, 3]), ("scrub", [1, 1])):
+    for method, want in (("finetune", [1, 3, 3, 3]), ("neggrad_plus", [1, 3, 3, 3]), ("salun", [1, 1])):
         assert sorted(m["batched"] for m in markers.values() if m["method"] == method) == want, method
 
 
@@ -266,7 +267,7 @@ def test_the_ray_driver_waits_as_long_as_a_stack_may_run():
 
     assert _deadline([job(0)], 0.0, stacking=True) == after(20)
     assert _deadline([job(0)], 0.0, stacking=False) == after(10)
-    assert _deadline([job(0, "scrub")], 0.0, stacking=True) == after(10)
+    assert _deadline([job(0, "salun")], 0.0, stacking=True) == after(10)
     assert _deadline([job(0), job(1), job(2)], 0.0, stacking=True) == after(30)
     assert _deadline([Job("shadow-00000", "shadow", 0, 0, np.arange(3))], 0.0, stacking=True) is None
 

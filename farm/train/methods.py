@@ -201,7 +201,9 @@ def _reset_module(m: torch.nn.Module) -> None:
         m.reset_parameters()
 
 
-def _reinit_all(net: torch.nn.Module) -> None:
+def reinitialise(net: torch.nn.Module) -> None:
+    """Every layer re-initialised with its default initialiser (torch's global generator), the ResNet stem
+    as farm.train.models initialises it."""
     for m in net.modules():
         _reset_module(m)
     # keep the same initialiser for a ResNet stem as farm.train.models uses
@@ -333,6 +335,13 @@ def erase_repair(net, retain, forget, validation, *, layers: int = 1, lr: float 
     """Erase then repair: rank the layers (modules that own parameters) by forget sensitivity, the mean
     |d CE(forget) / d w| over the layer's weights relative to the mean |w|, re-initialise the `layers`
     most sensitive ones, then repair by fine-tuning the whole net on the retain set."""
+    erase_most_sensitive(net, forget, layers)
+    return _train_on(net, retain, epochs, lr, momentum, weight_decay)
+
+
+def erase_most_sensitive(net: torch.nn.Module, forget, layers: int) -> None:
+    """erase_repair's erase step, in place: the `layers` layers of highest forget sensitivity
+    (sum |d CE(forget) / d w| / sum |w| over a layer's own parameters) re-initialised."""
     grads = _forget_grads(net, forget)
     params = dict(net.named_parameters())
     scores = []
@@ -347,7 +356,6 @@ def erase_repair(net, retain, forget, validation, *, layers: int = 1, lr: float 
     scores.sort(key=lambda s: (-s[0], s[1]))
     for _, _, m in scores[:layers]:
         _reset_module(m)
-    return _train_on(net, retain, epochs, lr, momentum, weight_decay)
 
 
 def noise_finetune(net, retain, forget, validation, *, sigma: float = 0.3, lr: float = 0.01, epochs: int = 2,
@@ -362,7 +370,7 @@ def retrain(net, retain, forget, validation, *, lr: float = 0.05, epochs: int = 
             weight_decay: float = 5e-4):
     """The reference point: re-initialise every layer and train on the retain set from scratch (set lr and
     epochs to the spec's training to reproduce the run's retrain models' procedure)."""
-    _reinit_all(net)
+    reinitialise(net)
     return _train_on(net, retain, epochs, lr, momentum, weight_decay)
 
 

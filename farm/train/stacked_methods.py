@@ -11,9 +11,10 @@ A stacked method is its one-at-a-time twin of farm.train.methods, stepped for K 
   elementwise); BatchNorm keeps each model's statistics (farm.train.stacked_resnet).
 
 So the K models end where K one-at-a-time runs end, up to the float rounding of the batched kernels.
-Only methods whose update is per model are here: finetune, neggrad_plus, random_label and noise_finetune.
-The others (scrub's teacher, salun's and erase_repair's per-model choices of weights or layers, a user's
-method) run one at a time. Like their twins, they run in float32 without autocast.
+What a method decides per model before its loop (noise_finetune's noise, erase_repair's layers to reset,
+retrain's re-initialisation) runs on each model alone before stacking (prepare). salun runs one at a time:
+its saliency mask would have to follow the stacked layout's weights; so does every user's method. Like
+their twins, the stacked methods run in float32 without autocast.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from farm.plan import Job
-from farm.train.methods import add_weight_noise, count_classes
+from farm.train.methods import add_weight_noise, count_classes, erase_most_sensitive, reinitialise
 from farm.train.stacked import StackedModels
 
 
@@ -89,9 +90,10 @@ def finetune(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_deca
     _steps(stack, retains, lambda x, y: _ce(stack, x, y), epochs, lr, momentum, weight_decay)
 
 
-def noise_finetune(stack, retains, forgets, gens, *, sigma, lr, epochs, momentum, weight_decay):
-    """farm.train.methods.noise_finetune for K models: the noise was added to each model before stacking
-    (prepare), then finetune."""
+def finetune_after(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_decay, **prepared):
+    """The finetune loop of the methods that change each model before it (prepare, on each model alone):
+    noise_finetune's noise, erase_repair's resets, retrain's re-initialisation; their own hyper-parameters
+    (sigma, layers) were used there."""
     finetune(stack, retains, forgets, gens, lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -122,6 +124,43 @@ def random_label(stack, retains, forgets, gens, *, lr, epochs, forget_weight, mo
     _steps(stack, retains, loss, epochs, lr, momentum, weight_decay)
 
 
+def scrub(stack, retains, forgets, gens, *, lr, epochs, max_epochs, alpha, gamma, temperature, momentum,
+          weight_decay):
+    """farm.train.methods.scrub for K models: each model's teacher is its own original (a frozen stack of
+    copies, in eval mode); per epoch a max step over the forget loaders while epoch < max_epochs, then a
+    min step over the retain loaders, SGD without a schedule, as the twin."""
+    teacher = StackedModels(stack.unstack()).train(False)
+    opt = torch.optim.SGD(list(stack.params.values()), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def kl(student_logits, x):
+        with torch.no_grad():
+            teacher_logits = teacher.forward(x)
+        return _kl(student_logits, teacher_logits, temperature)
+
+    for epoch in range(epochs):
+        stack.train()
+        if epoch < max_epochs:
+            for x, _ in _lockstep(forgets):
+                opt.zero_grad(set_to_none=True)
+                (-kl(stack.forward(x), x).sum()).backward()
+                opt.step()
+        for x, y in _lockstep(retains):
+            opt.zero_grad(set_to_none=True)
+            out = stack.forward(x)
+            ce = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(stack.k, -1).mean(1)
+            (alpha * kl(out, x) + gamma * ce).sum().backward()
+            opt.step()
+    stack.train(False)
+
+
+def _kl(student_logits, teacher_logits, t):
+    """[K] farm.train.methods._kl per model: KL(teacher || student) on temperature-t softmaxes, the mean over
+    the model's batch (batchmean), times t^2."""
+    kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                  reduction="none", log_target=True)
+    return kl.sum(-1).mean(-1) * t * t
+
+
 @dataclass(frozen=True)
 class StackedMethod:
     """A built-in's stacked twin: prepare(net, retain, forget, hparams) runs on each model alone before
@@ -142,8 +181,14 @@ STACKED_METHODS: dict[str, StackedMethod] = {
     "random_label": StackedMethod(random_label,
                                   lambda net, retain, forget, hp: {"n_classes": count_classes(net, retain)},
                                   passes=2),
-    "noise_finetune": StackedMethod(noise_finetune,
+    "noise_finetune": StackedMethod(finetune_after,
                                     lambda net, retain, forget, hp: add_weight_noise(net, hp["sigma"]) or {}),
+    # erase_repair's ranking and resets are per-model choices: each model makes its own before stacking
+    "erase_repair": StackedMethod(finetune_after,
+                                  lambda net, retain, forget, hp: erase_most_sensitive(net, forget, hp["layers"])
+                                  or {}),
+    "retrain": StackedMethod(finetune_after, lambda net, retain, forget, hp: reinitialise(net) or {}),
+    "scrub": StackedMethod(scrub),
 }
 
 
