@@ -170,6 +170,7 @@ def bench_batched(preset: str, n_models: int, k: int, epochs: int | None, data: 
         d["dataset"]["path"] = data
     if gpu_kernels:
         d["resources"]["gpu_kernels"] = gpu_kernels
+    d["resources"]["batch_models"] = k  # stacks of k, also for the methods "auto" would stack half as deep
     spec = spec_from_dict(d)
     tmp = tempfile.mkdtemp(prefix="bench-batched-")
     threads = None if torch.cuda.is_available() else os.cpu_count()
