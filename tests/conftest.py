@@ -29,6 +29,15 @@ TINY_SPEC = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the same bits from run to run), as before it afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 with a free port; the standard AWS variables point at it."""

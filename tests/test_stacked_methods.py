@@ -26,14 +26,8 @@ HPARAMS = {"finetune": {}, "neggrad_plus": {"alpha": 0.7}, "random_label": {"for
            "noise_finetune": {"sigma": 0.2}, "erase_repair": {"layers": 2}, "retrain": {},
            "scrub": {"max_epochs": 1, "alpha": 0.5, "gamma": 2.0}}
 TOL = dict(rtol=1e-8, atol=1e-9)  # float64: differences are the kernels' summation order only
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-comparable kernels
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(channels, size, n=42, n_classes=3):

@@ -21,14 +21,8 @@ from tests.conftest import TINY_SPEC
 
 K, B, N_CLASSES = 3, 4, 3
 TOL = dict(rtol=1e-9, atol=1e-10)  # float64: differences are the kernels' summation order only
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-comparable kernels
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyResNet(nn.Module):
