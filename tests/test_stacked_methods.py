@@ -60,7 +60,7 @@ def _stacked(name, models, images, labels, hparams):
     for k, model in enumerate(models):
         torch.manual_seed(100 + k)
         retain, forget = _loaders(images, labels, 10 * k)
-        extra = twin.prepare(model, retain, forget, hparams)
+        extra = twin.prepare(model, retain, forget, hparams) or {}
         gens.append(following_global(images.device))
         retains.append(retain)
         forgets.append(forget)

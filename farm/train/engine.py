@@ -179,7 +179,7 @@ class Engine:
                 set_determinism(job.seed)
                 model = self._parent_model(job)
                 retain, forget, _ = self._loaders(job)
-                extra = twin.prepare(model, retain, forget, hparams)  # the same for every model
+                extra = twin.prepare(model, retain, forget, hparams) or {}  # the same for every model
                 gens.append(following_global(self.device))
                 models.append(model)
                 retains.append(retain)

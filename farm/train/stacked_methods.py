@@ -60,10 +60,14 @@ def _cycle_lockstep(loaders: list[DataLoader]):
         yield from _lockstep(loaders)
 
 
+def _mean_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[K] each model's mean cross-entropy: logits [K, B, C] against its own labels y [K, B]."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(len(logits), -1).mean(1)
+
+
 def _ce(stack: StackedModels, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[K] each model's mean cross-entropy on its own batch x[k], y[k]."""
-    logits = stack.forward(x)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(stack.k, -1).mean(1)
+    return _mean_ce(stack.forward(x), y)
 
 
 def _sgd(stack: StackedModels, lr, momentum, weight_decay, steps):
@@ -85,16 +89,11 @@ def _steps(stack, retains, loss_fn, epochs, lr, momentum, weight_decay) -> None:
     stack.train(False)
 
 
-def finetune(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_decay):
-    """farm.train.methods.finetune for K models: mean CE on each model's retain batch."""
+def finetune(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_decay, **used_by_prepare):
+    """farm.train.methods.finetune for K models: mean CE on each model's retain batch. Also the loop of the
+    methods that change each model before it (prepare): noise_finetune, erase_repair and retrain, whose
+    own hyper-parameters (sigma, layers) were used there."""
     _steps(stack, retains, lambda x, y: _ce(stack, x, y), epochs, lr, momentum, weight_decay)
-
-
-def finetune_after(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_decay, **prepared):
-    """The finetune loop of the methods that change each model before it (prepare, on each model alone):
-    noise_finetune's noise, erase_repair's resets, retrain's re-initialisation; their own hyper-parameters
-    (sigma, layers) were used there."""
-    finetune(stack, retains, forgets, gens, lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay)
 
 
 def neggrad_plus(stack, retains, forgets, gens, *, lr, epochs, alpha, momentum, weight_decay):
@@ -147,8 +146,7 @@ def scrub(stack, retains, forgets, gens, *, lr, epochs, max_epochs, alpha, gamma
         for x, y in _lockstep(retains):
             opt.zero_grad(set_to_none=True)
             out = stack.forward(x)
-            ce = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(stack.k, -1).mean(1)
-            (alpha * kl(out, x) + gamma * ce).sum().backward()
+            (alpha * kl(out, x) + gamma * _mean_ce(out, y)).sum().backward()
             opt.step()
     stack.train(False)
 
@@ -164,13 +162,11 @@ def _kl(student_logits, teacher_logits, t):
 @dataclass(frozen=True)
 class StackedMethod:
     """A built-in's stacked twin: prepare(net, retain, forget, hparams) runs on each model alone before
-    stacking (what the twin does before its loop, in the same order) and returns extra keyword arguments,
-    the same for every model, for run(stack, retains, forgets, gens, **hparams, **extra)."""
+    stacking (what the twin does before its loop, in the same order) and may return extra keyword
+    arguments, the same for every model, for run(stack, retains, forgets, gens, **hparams, **extra)."""
     run: Callable
-    prepare: Callable = lambda net, retain, forget, hparams: {}
+    prepare: Callable = lambda net, retain, forget, hparams: None
     passes: int = 1  # forward passes per step, whose activations a step holds at once: its memory per model
-
-
 
 
 STACKED_METHODS: dict[str, StackedMethod] = {
@@ -181,13 +177,11 @@ STACKED_METHODS: dict[str, StackedMethod] = {
     "random_label": StackedMethod(random_label,
                                   lambda net, retain, forget, hp: {"n_classes": count_classes(net, retain)},
                                   passes=2),
-    "noise_finetune": StackedMethod(finetune_after,
-                                    lambda net, retain, forget, hp: add_weight_noise(net, hp["sigma"]) or {}),
+    "noise_finetune": StackedMethod(finetune, lambda net, retain, forget, hp: add_weight_noise(net, hp["sigma"])),
     # erase_repair's ranking and resets are per-model choices: each model makes its own before stacking
-    "erase_repair": StackedMethod(finetune_after,
-                                  lambda net, retain, forget, hp: erase_most_sensitive(net, forget, hp["layers"])
-                                  or {}),
-    "retrain": StackedMethod(finetune_after, lambda net, retain, forget, hp: reinitialise(net) or {}),
+    "erase_repair": StackedMethod(finetune,
+                                  lambda net, retain, forget, hp: erase_most_sensitive(net, forget, hp["layers"])),
+    "retrain": StackedMethod(finetune, lambda net, retain, forget, hp: reinitialise(net)),
     "scrub": StackedMethod(scrub),
 }
 
