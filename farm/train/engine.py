@@ -65,6 +65,13 @@ class RunContext:
     n_classes: int = 10
 
 
+def _models_named(jobs: list[Job]) -> str:
+    """How an error names the models of one method call: "model ID", or "models ID, ID (stacked)"."""
+    if len(jobs) == 1:
+        return f"model {jobs[0].model_id}"
+    return f"models {', '.join(j.model_id for j in jobs)} (stacked)"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -82,6 +89,7 @@ class Engine:
         self.images = torch.tensor(ctx.images, device=self.device)  # a copy: object-store arrays are read-only
         self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
         self.store = RunStore(ctx.store_uri)
+        self._stack_size: int | None = None  # stack_size(), measured on first use
         split = ctx.split
         self.masks = {"train": split == "train", "val": split == "val", "test": split == "test",
                       "retain": (split == "train") & ~ctx.forget, "forget": ctx.forget}
@@ -146,7 +154,7 @@ class Engine:
     def stack_size(self) -> int:
         """Models per stacked batch in this run: resources.batch_models, or for "auto" what batch_capacity
         picks here (measured once)."""
-        if getattr(self, "_stack_size", None) is None:
+        if self._stack_size is None:
             k = self.spec.resources.batch_models
             self._stack_size = self.batch_capacity() if k == "auto" else int(k)
         return self._stack_size
@@ -281,9 +289,7 @@ class Engine:
 
     def _call_method(self, jobs: list[Job], fn, limit: float):
         """fn() under the time limit; its failures as MethodError / MethodTimeoutError naming the models."""
-        job = jobs[0]
-        who = f"model {job.model_id}" if len(jobs) == 1 else \
-            f"models {', '.join(j.model_id for j in jobs)} (stacked)"
+        job, who = jobs[0], _models_named(jobs)
         try:
             return call_with_time_limit(fn, limit, on_stuck=lambda: self._stuck(jobs, limit))
         except TimeLimitExceeded as exc:
@@ -317,8 +323,7 @@ class Engine:
     def _stuck(self, jobs: list[Job], limit: float) -> None:
         """Called from the time limit's watchdog when a method cannot be interrupted: record the failure of
         every model of the call and end this process (under Ray the worker is replaced, see docs/methods.md)."""
-        models = jobs[0].model_id if len(jobs) == 1 else ", ".join(j.model_id for j in jobs) + " (stacked)"
-        message = (f"model {models}: method {jobs[0].method!r} still ran {grace_seconds(limit):g} s after its "
+        message = (f"{_models_named(jobs)}: method {jobs[0].method!r} still ran {grace_seconds(limit):g} s after its "
                    f"time limit of {limit:g} s and {STUCK_MARK}; its process was ended")
         try:
             for job in jobs:
