@@ -259,7 +259,7 @@ def main() -> None:
         sizing[key] = (retrain_s, unlearn_s, (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600)
     for key, (retrain_s, unlearn_s, hours) in sizing.items():
         packed = (key[0], 4, 1, "contiguous", "off")
-        ratio = (f" | vs {label(packed)}: retrain {sizing[packed][0] / retrain_s:.2f}x, {method.method} "
+        ratio = (f" | speed-up over {label(packed)}: retrain {sizing[packed][0] / retrain_s:.2f}x, {method.method} "
                  f"{sizing[packed][1] / unlearn_s:.2f}x, set {sizing[packed][2] / hours:.2f}x"
                  if packed in sizing and packed != key else "")
         print(f"    {label(key):<42} retrain {retrain_s:7.1f} GPU-s | {method.method} {unlearn_s:6.1f} GPU-s | "
