@@ -62,8 +62,9 @@ def worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_form
 def synthetic_task(n: int, shape: dict, gen):
     """n CIFAR-shaped (or Fashion-MNIST-shaped) images of a learnable 10-class task: image = AMPLITUDE x its
     class's template (a random 4x4 pattern per channel, smoothly upsampled) + (1 - AMPLITUDE) x uniform
-    noise; the templates are the same in every process (seed 0), the noise and labels come from gen. A step's time does not depend on the pixels; the task only makes accuracy mean
-    something (chance is 0.1), so a setting that trains wrongly shows."""
+    noise; the templates are the same in every process (seed 0), the noise and labels come from gen. A
+    step's time does not depend on the pixels; the task only makes accuracy mean something (chance is
+    0.1), so a setting that trains wrongly shows."""
     import torch
 
     size = (shape["channels"], shape["size"], shape["size"])
