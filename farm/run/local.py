@@ -1,5 +1,6 @@
 """The plain in-process executor: no Ray; used on machines without Ray (the GPU benchmark machine) and as
-the benchmark baseline. Gives bit-identical models to the Ray executor on the CPU."""
+the benchmark baseline. Gives bit-identical models to the Ray executor on the CPU (with stacked batches,
+when both cut the same stacks: Scheduler.plan_stacks)."""
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,12 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
         engine = Engine(prep.context(), device=device, threads=threads) if prep.pending else None
         k = 1 if engine is None else engine.stack_size()
         log.info("plain loop: %d threads, up to %d models per stacked batch, %d jobs", threads, k, len(prep.pending))
+        sched.plan_stacks(k, workers=1)
         while sched.queue:
-            jobs = sched.take(k)
+            jobs = sched.take()
+            if not jobs:  # the originals of a waiting stack's members train before it, in this one loop
+                raise RuntimeError("the scheduler has queued jobs but none can start: " +
+                                   ", ".join(j.model_id for j in list(sched.queue)[:5]))
             try:
                 engine.run_batch(jobs)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM (farm.cli): the run stops, committed models stay

@@ -17,7 +17,6 @@ from farm.settings import SECRET_ENV, Settings, SettingsError, forwarded_env
 from farm.spec import Spec, SpecError
 from farm.store import RunStore
 from farm.train.engine import STUCK_MARK, Engine, RunContext
-from farm.train.stacked_methods import stack_key
 from farm.train.timelimit import grace_seconds
 
 from .local import run_local
@@ -194,28 +193,25 @@ def worker_count(spec: Spec, n_jobs: int, max_workers: int | None) -> int:
 DRIVER_GRACE_SECONDS = 120.0  # beyond a method's time limit and the worker's own grace, before the driver acts
 
 
-def _deadline(jobs: list[Job], dispatched: float, stacking: bool) -> float | None:
+def _deadline(jobs: list[Job], dispatched: float) -> float | None:
     """When the driver gives up on a batch holding unlearned jobs (None: no time limit applies). Their limits
-    add up: a batch runs its models one after another, or stacked under the sum of their limits; in a
-    stacking run a stackable job alone is stacked with a copy of itself under twice its limit
-    (farm.train.engine.Engine.run_batch)."""
+    add up: a batch runs its models one after another, or stacked under the sum of their limits."""
     limits = [j.time_limit for j in jobs if j.role == "unlearned" and j.time_limit]
     if not limits:
         return None
-    limit = sum(limits) * (2 if stacking and len(jobs) == 1 and stack_key(jobs[0]) is not None else 1)
+    limit = sum(limits)
     return dispatched + limit + grace_seconds(limit) + DRIVER_GRACE_SECONDS
 
 
-def _next_deadline(inflight: dict, stacking: bool) -> float | None:
+def _next_deadline(inflight: dict) -> float | None:
     """ray.wait's timeout: seconds to the nearest deadline of the batches in flight (None: wait for one)."""
-    ends = [d for _, jobs, t in inflight.values() if (d := _deadline(jobs, t, stacking)) is not None]
+    ends = [d for _, jobs, t in inflight.values() if (d := _deadline(jobs, t)) is not None]
     return max(0.0, min(ends) - time.monotonic()) if ends else None
 
 
-def _overdue(inflight: dict, stacking: bool) -> list:
+def _overdue(inflight: dict) -> list:
     now = time.monotonic()
-    return [ref for ref, (_, jobs, t) in inflight.items()
-            if (d := _deadline(jobs, t, stacking)) is not None and d <= now]
+    return [ref for ref, (_, jobs, t) in inflight.items() if (d := _deadline(jobs, t)) is not None and d <= now]
 
 
 def _stuck_record(store: RunStore, job: Job, dispatched: float) -> str | None:
@@ -263,18 +259,23 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
         k = int(ray.get(idle[0].batch_capacity.remote())) if res.batch_models == "auto" else int(res.batch_models)
         log.info("%d Ray workers (%g CPU, %g GPU each), up to %d models per stacked batch, %d jobs", n_workers,
                  res.cpus, res.gpus, k, len(prep.pending))
+        sched.plan_stacks(k, n_workers)
         inflight: dict = {}
         try:
             while sched.queue or inflight:
                 while idle and sched.queue:
-                    # share the ready jobs evenly over the workers, at most k per stacked batch
-                    jobs = sched.take(min(k, math.ceil(len(sched.queue) / n_workers)))
+                    jobs = sched.take()
+                    if not jobs:  # the ready jobs wait for the rest of their stacks: wait for a result
+                        break
                     actor = idle.pop()
                     inflight[actor.run.remote(jobs)] = (actor, jobs, time.monotonic())
                 if not inflight:
+                    if sched.queue:  # nothing running could release the rest of a waiting stack
+                        raise RuntimeError("the scheduler has queued jobs but none can start: " +
+                                           ", ".join(j.model_id for j in list(sched.queue)[:5]))
                     break
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_next_deadline(inflight, k > 1))
-                for ref in _overdue(inflight, k > 1) if not ready else ():
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_next_deadline(inflight))
+                for ref in _overdue(inflight) if not ready else ():
                     # the worker's own time limit could not end it (hung in native code, its watchdog
                     # starved): the driver ends the worker and fails the job, without retries
                     actor, jobs, _ = inflight.pop(ref)

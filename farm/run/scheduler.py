@@ -10,6 +10,7 @@ Scheduling rules (the same for every executor):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ class Scheduler:
         self.queue: deque[Job] = deque()
         self.solo: set[str] = set()  # jobs of a batch that raised: retried one at a time to isolate the cause
         self.waiting: list[Job] = []
+        self.stacks: dict[str, tuple[str, ...]] = {}  # model id -> the ids of its stack (plan_stacks)
         for job in prep.pending:
             (self.waiting if job.parent and job.parent not in self.done else self.queue).append(job)
         from tqdm import tqdm  # here: the engine and planning import this module on machines without tqdm
@@ -53,19 +55,39 @@ class Scheduler:
                 still.append(job)
         self.waiting = still
 
-    def take(self, k: int) -> list[Job]:
-        """The next job, plus up to k-1 more that can share a stacked batch with it (stack_key: trained from
-        scratch, or unlearned by one stackable built-in method with the same hyper-parameters)."""
-        first = self.queue.popleft()
-        unit = [first]
-        key = stack_key(first)
-        if k > 1 and key is not None and first.model_id not in self.solo:
-            rest = deque()
-            while self.queue and len(unit) < k:
-                job = self.queue.popleft()
-                (unit if stack_key(job) == key and job.model_id not in self.solo else rest).append(job)
-            self.queue.extendleft(reversed(rest))
-        return unit
+    def plan_stacks(self, k: int, workers: int) -> None:
+        """Fix which jobs share a stacked batch, from the plan alone: the pending jobs of each stack_key
+        (trained from scratch, or unlearned by one stackable method with the same hyper-parameters), in
+        plan order, cut into stacks of min(k, ceil(n / workers)) models, n being that key's pending jobs,
+        so that the workers share them evenly. The stacked kernels' rounding depends on how many models
+        share them, so a model's stack decides its bits: fixed here, it does not depend on which job
+        happened to finish first."""
+        self.stacks = {}
+        if k <= 1:
+            return
+        by_key: dict[tuple, list[str]] = {}
+        for job in self.prep.pending:
+            key = stack_key(job)
+            if key is not None:
+                by_key.setdefault(key, []).append(job.model_id)
+        for ids in by_key.values():
+            size = max(1, min(k, math.ceil(len(ids) / workers)))
+            for start in range(0, len(ids), size):
+                stack = tuple(ids[start:start + size])
+                self.stacks.update(dict.fromkeys(stack, stack))
+
+    def take(self) -> list[Job]:
+        """The next ready unit in queue order: a job alone, or its whole stack (plan_stacks) once every
+        member not yet finished or failed is ready; [] when every ready job waits for the rest of its
+        stack (members whose originals are still training)."""
+        ready = {j.model_id: j for j in self.queue}
+        for job in self.queue:
+            members = (job.model_id,) if job.model_id in self.solo else self.stacks.get(job.model_id, (job.model_id,))
+            members = [m for m in members if m not in self.done and m not in self.result.failed]
+            if all(m in ready for m in members):
+                self.queue = deque(j for j in self.queue if j.model_id not in members)
+                return [ready[m] for m in members]
+        return []
 
     def batch_raised(self, jobs: list[Job], error: BaseException, tb: str) -> None:
         if len(jobs) == 1:

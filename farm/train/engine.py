@@ -117,12 +117,8 @@ class Engine:
         model: models trained from scratch, or unlearned models of one stackable built-in method and
         hyper-parameters (farm.train.stacked_methods). Runs them one at a time when they cannot share a stack
         (stack_key: a mix, another method) or the architecture cannot stack. Models with BatchNorm stack only
-        with models of the same training-set size (farm.train.stacked).
-
-        In a stacking run, a job that comes alone is stacked with a throwaway copy of itself. On a CPU a
-        model's bits from the stacked kernels are the same whichever models share its stack, two or more,
-        but differ from its bits alone; so a model's bits do not depend on how the scheduler happened to
-        batch it (timing, the number of workers), and every executor gives the same store."""
+        with models of the same training-set size (farm.train.stacked). The stacked kernels' rounding depends
+        on how many models share them: the scheduler fixes the batches (farm.run.scheduler.plan_stacks)."""
         probe = self.new_model()
         key = stack_key(jobs[0])
         if not can_stack(probe) or key is None or any(stack_key(j) != key for j in jobs):
@@ -133,7 +129,7 @@ class Engine:
                 by_size.setdefault(len(j.train_idx), []).append(j)
             done = {j.model_id: m for group in by_size.values() for j, m in zip(group, self.run_batch(group))}
             return [done[j.model_id] for j in jobs]
-        if len(jobs) == 1 and not self.stacking():
+        if len(jobs) == 1:
             return [self.run(jobs[0])]
         passes = STACKED_METHODS[jobs[0].method].passes if jobs[0].role == "unlearned" else 1
         size = len(jobs)
@@ -144,11 +140,12 @@ class Engine:
         return [m for i in range(0, len(jobs), size) for m in self._stack(jobs[i:i + size])]
 
     def _stack(self, jobs: list[Job]) -> list[dict]:
-        """One stack of jobs that share a stack_key, trained or unlearned, then committed (a job alone with a
-        throwaway copy of itself, run_batch)."""
-        stacked = jobs if len(jobs) > 1 else jobs * 2
+        """One stack of jobs that share a stack_key, trained or unlearned, then committed (a job alone runs
+        as run() runs it)."""
+        if len(jobs) == 1:
+            return [self.run(jobs[0])]
         start = time.perf_counter()
-        stack = self._unlearn_stack(stacked) if jobs[0].role == "unlearned" else self._train_stack(stacked)
+        stack = self._unlearn_stack(jobs) if jobs[0].role == "unlearned" else self._train_stack(jobs)
         return self._commit_stack(jobs, stack, start)
 
     def stack_size(self) -> int:
@@ -158,10 +155,6 @@ class Engine:
             k = self.spec.resources.batch_models
             self._stack_size = self.batch_capacity() if k == "auto" else int(k)
         return self._stack_size
-
-    def stacking(self) -> bool:
-        """Whether this run stacks models, so that a job alone is stacked too (run_batch)."""
-        return self.stack_size() > 1
 
     def _train_stack(self, jobs: list[Job]) -> StackedModels:
         models, gens = [], []
@@ -196,13 +189,12 @@ class Engine:
             twin.run(stack, retains, forgets, gens, **hparams, **extra)
             return stack
 
-        unique = list({j.model_id: j for j in jobs}.values())  # a job alone with its throwaway copy: once
         limit = sum(j.time_limit or DEFAULT_UNLEARN_TIME_LIMIT for j in jobs)
-        return self._call_method(unique, unlearn, limit)
+        return self._call_method(jobs, unlearn, limit)
 
     def _commit_stack(self, jobs: list[Job], stack: StackedModels, start: float) -> list[dict]:
-        """Predict with the stacked models and commit the first len(jobs) of them (a throwaway copy after a
-        job alone is not committed), each as its own model; its time is its share of the stack's."""
+        """Predict with the stacked models and commit each as its own model; its time is its share of the
+        stack's."""
         train_seconds = (time.perf_counter() - start) / stack.k
         cfg = self.spec.training
         logits = predict_stacked(stack, self.images, self.spec.queries, cfg.eval_batch_size, cfg.precision)

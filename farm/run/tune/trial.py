@@ -82,8 +82,7 @@ def score_hparams(setup: TrialSetup, hparams: dict, report=None, engine=None) ->
     after every setup.report_every models (from 2 on) and at the end. Returns the last metrics.
 
     The models missing from the store are made in stacks, as `ufarm run` makes them (the run's
-    resources.batch_models, within each report_every models so the reports come where they would), so a
-    model made by a trial and one made by a run are the same bits on a CPU.
+    resources.batch_models, within each report_every models so the reports come where they would).
 
     A model that fails is written to <run>/failed/<model_id>.json with its traceback, and the trial stops
     with TrialError naming the model (the search goes on with the other trials); in a stack that fails,
