@@ -9,6 +9,7 @@ Scheduling rules (the same for every executor):
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -80,14 +81,21 @@ class Scheduler:
         """The next ready unit in queue order: a job alone, or its whole stack (plan_stacks) once every
         member not yet finished or failed is ready; [] when every ready job waits for the rest of its
         stack (members whose originals are still training)."""
+        head = self._members(self.queue[0])
+        if [j.model_id for j in itertools.islice(self.queue, len(head))] == head:  # the usual case, O(k)
+            return [self.queue.popleft() for _ in head]
         ready = {j.model_id: j for j in self.queue}
         for job in self.queue:
-            members = (job.model_id,) if job.model_id in self.solo else self.stacks.get(job.model_id, (job.model_id,))
-            members = [m for m in members if m not in self.done and m not in self.result.failed]
+            members = self._members(job)
             if all(m in ready for m in members):
                 self.queue = deque(j for j in self.queue if j.model_id not in members)
                 return [ready[m] for m in members]
         return []
+
+    def _members(self, job: Job) -> list[str]:
+        """The ids of the job's stack still to make (itself only after its stack raised), in plan order."""
+        members = (job.model_id,) if job.model_id in self.solo else self.stacks.get(job.model_id, (job.model_id,))
+        return [m for m in members if m not in self.done and m not in self.result.failed]
 
     def batch_raised(self, jobs: list[Job], error: BaseException, tb: str) -> None:
         if len(jobs) == 1:
