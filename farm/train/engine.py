@@ -129,8 +129,6 @@ class Engine:
                 by_size.setdefault(len(j.train_idx), []).append(j)
             done = {j.model_id: m for group in by_size.values() for j, m in zip(group, self.run_batch(group))}
             return [done[j.model_id] for j in jobs]
-        if len(jobs) == 1:
-            return [self.run(jobs[0])]
         passes = STACKED_METHODS[jobs[0].method].passes if jobs[0].role == "unlearned" else 1
         size = len(jobs)
         if passes > 1 and self.spec.resources.batch_models == "auto":
