@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("--data", help="dataset folder for the batched benchmark (e.g. a carried fashion-mnist copy)")
     ap.add_argument("--k", type=int, default=None, help="models per stacked batch")
     ap.add_argument("--method", help="batched benchmark: unlearned models of this built-in method (stacked "
-                    "twins: every built-in but salun) instead of shadows")
+                    "twins: every built-in) instead of shadows")
     ap.add_argument("--baseline-models", type=int, default=None,
                     help="models the one-at-a-time baseline trains (default: all; 16 on a GPU)")
     ap.add_argument("--runner-epochs", type=int, help="runner benchmark: train the demo's models this many "

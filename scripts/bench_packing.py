@@ -123,7 +123,8 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
             train_model(net, images, labels, idx, cfg, gen)
         elif phase == "finetune" and stacked is not None:  # the method's stacked twin, each model its loader
             loaders = [make_loader(images, labels, idx, cfg.batch_size, True, rank * 1000 + k) for k in range(stack)]
-            stacked_finetune(stacked, loaders, None, None, lr=0.01, epochs=1, momentum=0.9, weight_decay=5e-4)
+            stacked_finetune(stacked, loaders, None, None, [{}] * stack, lr=0.01, epochs=1, momentum=0.9,
+                             weight_decay=5e-4)
         elif phase == "finetune":
             finetune(net, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
                      epochs=1)

@@ -24,7 +24,7 @@ from tests.test_stacked_resnet import _assert_states_equal, _tiny_models
 K = 3
 HPARAMS = {"finetune": {}, "neggrad_plus": {"alpha": 0.7}, "random_label": {"forget_weight": 0.5},
            "noise_finetune": {"sigma": 0.2}, "erase_repair": {"layers": 2}, "retrain": {},
-           "scrub": {"max_epochs": 1, "alpha": 0.5, "gamma": 2.0}}
+           "scrub": {"max_epochs": 1, "alpha": 0.5, "gamma": 2.0}, "salun": {"mask_fraction": 0.3}}
 TOL = dict(rtol=1e-8, atol=1e-9)  # float64: differences are the kernels' summation order only
 pytestmark = pytest.mark.usefixtures("one_thread")  # bit-comparable kernels
 
@@ -56,16 +56,16 @@ def _one_at_a_time(name, models, images, labels, hparams):
 
 def _stacked(name, models, images, labels, hparams):
     twin = STACKED_METHODS[name]
-    retains, forgets, gens, extra = [], [], [], {}
+    retains, forgets, gens, prepared = [], [], [], []
     for k, model in enumerate(models):
         torch.manual_seed(100 + k)
         retain, forget = _loaders(images, labels, 10 * k)
-        extra = twin.prepare(model, retain, forget, hparams) or {}
+        prepared.append(twin.prepare(model, retain, forget, hparams) or {})
         gens.append(following_global(images.device))
         retains.append(retain)
         forgets.append(forget)
     stack = StackedModels(models)
-    twin.run(stack, retains, forgets, gens, **hparams, **extra)
+    twin.run(stack, retains, forgets, gens, prepared, **hparams)
     return stack.unstack()
 
 
@@ -102,6 +102,13 @@ def test_following_global_continues_the_global_generator():
     gen = following_global(torch.device("cpu"))
     want = torch.randint(1, 10, (20,))
     assert torch.equal(torch.randint(1, 10, (20,), generator=gen), want)
+
+
+def _user_method(folder) -> str:
+    """A user's method (a file reference): it has no stacked twin."""
+    path = folder / "keep.py"
+    path.write_text("def unlearn(net, retain, forget, validation, epochs=1, lr=0.0):\n    return net\n")
+    return f"{path}:unlearn"
 
 
 def _unlearn_jobs(spec_dict, tmp_path, method, count=4, **hparams):
@@ -156,8 +163,9 @@ def test_the_engine_stacks_resnet18_unlearning(tmp_path):
 
 
 def test_what_does_not_stack_runs_alone(tmp_path):
-    """A method without a twin, or a mix of methods or hyper-parameters, runs one model at a time."""
-    (_, engine), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, "salun", count=2)
+    """A method without a twin (a user's), or a mix of methods or hyper-parameters, runs one model at a
+    time."""
+    (_, engine), jobs = _unlearn_jobs(TINY_SPEC, tmp_path, _user_method(tmp_path), count=2)
     assert stack_key(jobs[0]) is None
     assert [m["batched"] for m in engine.run_batch(jobs)] == [1, 1]
     other = Job("unlearned-finetune-x-00000", "unlearned", 0, 5, jobs[0].train_idx, parent=jobs[0].parent,
@@ -193,13 +201,13 @@ def test_the_runner_batches_unlearned_models_of_one_method_and_hparams(tmp_path,
     d["counts"] = {"original": 1}
     d["unlearn"] = [{"method": "finetune", "count": 4, "hparams": {"epochs": 1}},
                     {"method": "neggrad_plus", "count": 4, "hparams": {"epochs": 1}},
-                    {"method": "salun", "count": 2, "hparams": {"epochs": 1}}]
+                    {"method": _user_method(tmp_path), "count": 2, "hparams": {"epochs": 1}}]
     d["resources"] = {"batch_models": 3}
     result = run_local(prepare_run(spec_from_dict(d), str(tmp_path)), progress=False)
     assert not result.failed and len(result.trained) == 11
     markers = RunStore(str(tmp_path)).markers()
-    for method, want in (("finetune", [1, 3, 3, 3]), ("neggrad_plus", [1, 1, 1, 1]), ("salun", [1, 1])):
-        assert sorted(m["batched"] for m in markers.values() if m["method"] == method) == want, method
+    for method, want in (("finetune", [1, 3, 3, 3]), ("neggrad_plus", [1, 1, 1, 1]), ("keep.py", [1, 1])):
+        assert sorted(m["batched"] for m in markers.values() if method in (m["method"] or "")) == want, method
 
 
 def test_augment_is_the_farms_hparam_and_stacks(tmp_path):
@@ -254,14 +262,14 @@ def test_stacks_are_fixed_by_the_plan_and_wait_for_their_members(tmp_path):
     take() hands out a stack whole, once every member is ready, whichever original finished first."""
     d = copy.deepcopy(TINY_SPEC)
     d["counts"] = {"original": 2, "shadow": 4}
-    d["unlearn"] = [{"method": "finetune", "count": 4}, {"method": "salun", "count": 2}]
+    d["unlearn"] = [{"method": "finetune", "count": 4}, {"method": _user_method(tmp_path), "count": 2}]
     sched = _scheduler(tmp_path / "a", d)
     ids = [j.model_id for j in sched.prep.pending]
     sched.plan_stacks(k=3, workers=1)
     trained, fine = ids[:6], [i for i in ids if "finetune" in i]
     assert [sched.stacks[i] for i in trained] == [tuple(trained[:3])] * 3 + [tuple(trained[3:])] * 3
     assert {sched.stacks[i] for i in fine} == {tuple(fine[:3]), tuple(fine[3:])}
-    assert not any("salun" in i for i in sched.stacks)  # salun has no stacked twin: alone
+    assert not any("keep" in i for i in sched.stacks)  # a user's method has no stacked twin: alone
     sched.plan_stacks(k=8, workers=2)  # shared evenly over two workers
     assert {len(sched.stacks[i]) for i in trained} == {3} and {len(sched.stacks[i]) for i in fine} == {2}
 
@@ -269,11 +277,11 @@ def test_stacks_are_fixed_by_the_plan_and_wait_for_their_members(tmp_path):
     assert [j.model_id for j in sched.take()] == trained[:3]
     assert [j.model_id for j in sched.take()] == trained[3:]
     # original-00001 finishes first (unlearned 1 and 3 start from it): finetune 1 waits for the rest of its
-    # stack (finetune 0 and 2 start from original-00000); finetune 3, alone in its stack, and salun 1 go
+    # stack (finetune 0 and 2 start from original-00000); finetune 3, alone in its stack, and keep 1 go
     by_id = {j.model_id: j for j in sched.prep.pending}
     sched.succeeded(by_id["original-00001"])
     assert [j.model_id for j in sched.take()] == fine[3:]
-    assert [j.model_id for j in sched.take()] == [i for i in ids if "salun" in i and i.endswith("1")]
+    assert [j.model_id for j in sched.take()] == [i for i in ids if "keep" in i and i.endswith("1")]
     assert sched.take() == []
     sched.succeeded(by_id["original-00000"])
     assert [j.model_id for j in sched.take()] == fine[:3]

@@ -173,18 +173,18 @@ class Engine:
         twin = STACKED_METHODS[method.name]
 
         def unlearn() -> StackedModels:
-            models, retains, forgets, gens, extra = [], [], [], [], {}
+            models, retains, forgets, gens, prepared = [], [], [], [], []
             for job in jobs:
                 set_determinism(job.seed)
                 model = self._parent_model(job)
                 retain, forget, _ = self._loaders(job)
-                extra = twin.prepare(model, retain, forget, hparams) or {}  # the same for every model
+                prepared.append(twin.prepare(model, retain, forget, hparams) or {})
                 gens.append(following_global(self.device))
                 models.append(model)
                 retains.append(retain)
                 forgets.append(forget)
             stack = StackedModels(models)
-            twin.run(stack, retains, forgets, gens, **hparams, **extra)
+            twin.run(stack, retains, forgets, gens, prepared, **hparams)
             return stack
 
         limit = sum(j.time_limit or DEFAULT_UNLEARN_TIME_LIMIT for j in jobs)

@@ -321,13 +321,18 @@ def salun(net, retain, forget, validation, *, lr: float = 0.01, epochs: int = 2,
     """SalUn-style saliency-masked random labels: the weight saliency |d CE(forget) / d w| selects the
     top mask_fraction of all weights (one global threshold); then random relabelling of forget plus CE on
     retain, updating only the salient weights."""
+    return _relabel_on_retain(net, retain, forget, lr=lr, epochs=epochs, momentum=momentum,
+                              weight_decay=weight_decay, mask=saliency_mask(net, forget, mask_fraction))
+
+
+def saliency_mask(net: torch.nn.Module, forget, mask_fraction: float) -> dict[str, torch.Tensor]:
+    """salun's mask: parameter name -> 0/1 tensor, 1 on the top mask_fraction of all weights by |d CE(forget)
+    / d w| (one global threshold)."""
     grads = _forget_grads(net, forget)
     flat = torch.cat([g.abs().flatten() for g in grads.values()])
     k = max(1, int(round(mask_fraction * flat.numel())))
     threshold = torch.topk(flat, k, sorted=True).values[-1]
-    mask = {name: (g.abs() >= threshold).to(g.dtype) for name, g in grads.items()}
-    return _relabel_on_retain(net, retain, forget, lr=lr, epochs=epochs, momentum=momentum,
-                              weight_decay=weight_decay, mask=mask)
+    return {name: (g.abs() >= threshold).to(g.dtype) for name, g in grads.items()}
 
 
 def erase_repair(net, retain, forget, validation, *, layers: int = 1, lr: float = 0.02, epochs: int = 3,

@@ -148,6 +148,14 @@ class StackedModels:
             return forward_triton(self.base, self.params, x, shared=True)
         return self._shared_batch(self.params, x)
 
+    def stacked_like(self, per_model: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per-model tensors of the parameters (K dicts keyed by the models' own parameter names) laid out
+        as the stacked parameters, keyed as self.params: stacked along a new dim 0 (vmap and
+        farm.train.stacked_cnn's layouts) or concatenated along dim 0 ("bn-grouped")."""
+        if self.net is not None:
+            return {f"net.{name}": torch.cat([d[name] for d in per_model]) for name in per_model[0]}
+        return {name: torch.stack([d[name] for d in per_model]) for name in per_model[0]}
+
     def unstack(self) -> list[torch.nn.Module]:
         """K ordinary modules with the trained weights (for storing weights, predicting, running a method)."""
         if self.net is not None:

@@ -12,9 +12,9 @@ A stacked method is its one-at-a-time twin of farm.train.methods, stepped for K 
 
 So the K models end where K one-at-a-time runs end, up to the float rounding of the batched kernels.
 What a method decides per model before its loop (noise_finetune's noise, erase_repair's layers to reset,
-retrain's re-initialisation) runs on each model alone before stacking (prepare). salun runs one at a time:
-its saliency mask would have to follow the stacked layout's weights; so does every user's method. Like
-their twins, the stacked methods run in float32 without autocast.
+retrain's re-initialisation, salun's saliency mask) runs on each model alone before stacking (prepare).
+Every built-in has a twin; a user's method runs one at a time. Like their twins, the stacked methods run
+in float32 without autocast.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from farm.plan import Job
-from farm.train.methods import add_weight_noise, count_classes, erase_most_sensitive, reinitialise
+from farm.train.methods import add_weight_noise, count_classes, erase_most_sensitive, reinitialise, saliency_mask
 from farm.train.stacked import StackedModels
 
 
@@ -75,28 +75,31 @@ def _sgd(stack: StackedModels, lr, momentum, weight_decay, steps):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
 
 
-def _steps(stack, retains, loss_fn, epochs, lr, momentum, weight_decay) -> None:
+def _steps(stack, retains, loss_fn, epochs, lr, momentum, weight_decay, masks=None) -> None:
     """The twins' shared loop: SGD with a cosine schedule over `epochs` passes of the retain loaders;
-    loss_fn(x, y) -> [K] per-model losses on the step's retain batches."""
+    loss_fn(x, y) -> [K] per-model losses on the step's retain batches; masks (stacked parameter name ->
+    0/1 tensor) multiply those gradients before each step."""
     opt, sched = _sgd(stack, lr, momentum, weight_decay, epochs * len(retains[0]))
     stack.train()
     for _ in range(epochs):
         for x, y in _lockstep(retains):
             opt.zero_grad(set_to_none=True)
             loss_fn(x, y).sum().backward()
+            for name, mask in (masks or {}).items():
+                stack.params[name].grad.mul_(mask)
             opt.step()
             sched.step()
     stack.train(False)
 
 
-def finetune(stack, retains, forgets, gens, *, lr, epochs, momentum, weight_decay, **used_by_prepare):
+def finetune(stack, retains, forgets, gens, prepared, *, lr, epochs, momentum, weight_decay, **used_by_prepare):
     """farm.train.methods.finetune for K models: mean CE on each model's retain batch. Also the loop of the
     methods that change each model before it (prepare): noise_finetune, erase_repair and retrain, whose
     own hyper-parameters (sigma, layers) were used there."""
     _steps(stack, retains, lambda x, y: _ce(stack, x, y), epochs, lr, momentum, weight_decay)
 
 
-def neggrad_plus(stack, retains, forgets, gens, *, lr, epochs, alpha, momentum, weight_decay):
+def neggrad_plus(stack, retains, forgets, gens, prepared, *, lr, epochs, alpha, momentum, weight_decay):
     """farm.train.methods.neggrad_plus for K models: alpha * CE(retain) - (1 - alpha) * CE(forget) per model,
     the retain batch's forward pass first (BatchNorm's running statistics see them in that order)."""
     fgt = _cycle_lockstep(forgets)
@@ -108,10 +111,25 @@ def neggrad_plus(stack, retains, forgets, gens, *, lr, epochs, alpha, momentum, 
     _steps(stack, retains, loss, epochs, lr, momentum, weight_decay)
 
 
-def random_label(stack, retains, forgets, gens, *, lr, epochs, forget_weight, momentum, weight_decay,
-                 n_classes):
+def random_label(stack, retains, forgets, gens, prepared, *, lr, epochs, forget_weight, momentum, weight_decay):
     """farm.train.methods.random_label for K models: CE(retain) + forget_weight * CE(forget, a random wrong
     label), model k's labels drawn from gens[k] as its twin draws them from the global generator."""
+    _relabel(stack, retains, forgets, gens, prepared[0]["n_classes"], lr, epochs, forget_weight, momentum,
+             weight_decay)
+
+
+def salun(stack, retains, forgets, gens, prepared, *, lr, epochs, mask_fraction, momentum, weight_decay):
+    """farm.train.methods.salun for K models: random_label's loop with forget_weight 1, each model's
+    gradients masked by its own saliency mask (made before stacking, laid out as the stacked weights)."""
+    masks = stack.stacked_like([p["mask"] for p in prepared])
+    _relabel(stack, retains, forgets, gens, prepared[0]["n_classes"], lr, epochs, 1.0, momentum, weight_decay,
+             masks)
+
+
+def _relabel(stack, retains, forgets, gens, n_classes, lr, epochs, forget_weight, momentum, weight_decay,
+             masks=None):
+    """farm.train.methods._relabel_on_retain for K models; masks: stacked parameter name -> 0/1 tensor on
+    its gradient, so only the masked weights move."""
     fgt = _cycle_lockstep(forgets)
 
     def loss(x, y):
@@ -120,10 +138,10 @@ def random_label(stack, retains, forgets, gens, *, lr, epochs, forget_weight, mo
                              for k, g in enumerate(gens)])
         return _ce(stack, x, y) + forget_weight * _ce(stack, xf, (yf + shift) % n_classes)
 
-    _steps(stack, retains, loss, epochs, lr, momentum, weight_decay)
+    _steps(stack, retains, loss, epochs, lr, momentum, weight_decay, masks)
 
 
-def scrub(stack, retains, forgets, gens, *, lr, epochs, max_epochs, alpha, gamma, temperature, momentum,
+def scrub(stack, retains, forgets, gens, prepared, *, lr, epochs, max_epochs, alpha, gamma, temperature, momentum,
           weight_decay):
     """farm.train.methods.scrub for K models: each model's teacher is its own original (a frozen stack of
     copies, in eval mode); per epoch a max step over the forget loaders while epoch < max_epochs, then a
@@ -162,8 +180,8 @@ def _kl(student_logits, teacher_logits, t):
 @dataclass(frozen=True)
 class StackedMethod:
     """A built-in's stacked twin: prepare(net, retain, forget, hparams) runs on each model alone before
-    stacking (what the twin does before its loop, in the same order) and may return extra keyword
-    arguments, the same for every model, for run(stack, retains, forgets, gens, **hparams, **extra)."""
+    stacking (what the twin does before its loop, in the same order) and may return a dict of what it
+    found; run(stack, retains, forgets, gens, prepared, **hparams) gets them, one per model (None: {})."""
     run: Callable
     prepare: Callable = lambda net, retain, forget, hparams: None
     passes: int = 1  # forward passes per step, whose activations a step holds at once: its memory per model
@@ -183,6 +201,10 @@ STACKED_METHODS: dict[str, StackedMethod] = {
                                   lambda net, retain, forget, hp: erase_most_sensitive(net, forget, hp["layers"])),
     "retrain": StackedMethod(finetune, lambda net, retain, forget, hp: reinitialise(net)),
     "scrub": StackedMethod(scrub),
+    # salun's saliency mask is each model's own: found before stacking, then laid out as the stacked weights
+    "salun": StackedMethod(salun, lambda net, retain, forget, hp: {
+        "mask": saliency_mask(net, forget, hp["mask_fraction"]), "n_classes": count_classes(net, retain)},
+        passes=2),
 }
 
 
