@@ -78,9 +78,9 @@ class Scheduler:
                 self.stacks.update(dict.fromkeys(stack, stack))
 
     def take(self) -> list[Job]:
-        """The next ready unit in queue order: a job alone, or its whole stack (plan_stacks) once every
-        member not yet finished or failed is ready; [] when every ready job waits for the rest of its
-        stack (members whose originals are still training)."""
+        """The next ready unit in queue order (the queue is not empty): a job alone, or its whole stack
+        (plan_stacks) once every member not yet finished or failed is ready; [] when every ready job waits
+        for the rest of its stack (members whose originals are still training)."""
         head = self._members(self.queue[0])
         if [j.model_id for j in itertools.islice(self.queue, len(head))] == head:  # the usual case, O(k)
             return [self.queue.popleft() for _ in head]
@@ -88,7 +88,8 @@ class Scheduler:
         for job in self.queue:
             members = self._members(job)
             if all(m in ready for m in members):
-                self.queue = deque(j for j in self.queue if j.model_id not in members)
+                taken = set(members)
+                self.queue = deque(j for j in self.queue if j.model_id not in taken)
                 return [ready[m] for m in members]
         return []
 
