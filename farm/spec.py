@@ -26,6 +26,9 @@ GPU_KERNELS = ("deterministic", "autotuned")
 FORGET_KINDS = ("random", "classes", "groups")
 QUERIES = ("plain", "hflip", "shift")  # shift:DX,DY with integer pixel offsets
 ROLES = ("original", "retrain", "shadow", "unlearned")
+# hparams of an unlearn entry that the farm consumes rather than the method (besides `seed`): augmented
+# retain and forget batches, and the precision the method runs in (farm.train.engine)
+FARM_HPARAMS = ("augment", "precision")
 # The most models one role (or one unlearn entry) may plan: a plan is built in memory before anything runs,
 # so a count beyond any real run must be refused at once, not planned until memory runs out.
 MAX_MODELS_PER_ROLE = 1_000_000
@@ -433,6 +436,15 @@ def _positive_int(value, where):
         raise SpecError(f"{where} must be a positive integer, got {value!r}")
 
 
+def check_farm_hparam(name: str, value: Any, where: str) -> Any:
+    """value, if it is one the farm's hparam `name` allows (FARM_HPARAMS); a SpecError naming `where` if not."""
+    if name == "augment" and not isinstance(value, bool):
+        raise SpecError(f"{where} must be true or false, got {value!r}")
+    if name == "precision" and value not in PRECISIONS:
+        raise SpecError(f"{where} {value!r} is unknown; allowed: {', '.join(PRECISIONS)}")
+    return value
+
+
 def validate(spec: Spec) -> None:
     """Checks that need no data. Checks against the data (a forget class that does not exist, a group id
     that no example has) happen in farm.plan once the dataset is loaded."""
@@ -498,8 +510,9 @@ def validate(spec: Spec) -> None:
         if isinstance(u.time_limit, bool) or not isinstance(u.time_limit, (int, float)) \
                 or not math.isfinite(u.time_limit) or not u.time_limit > 0:
             raise SpecError(f"unlearn[{i}].time_limit must be a finite number of seconds > 0, got {u.time_limit!r}")
-        if not isinstance(u.hparams.get("augment", False), bool):
-            raise SpecError(f"unlearn[{i}].hparams.augment must be true or false, got {u.hparams['augment']!r}")
+        for name in FARM_HPARAMS:
+            if name in u.hparams:
+                check_farm_hparam(name, u.hparams[name], f"unlearn[{i}].hparams.{name}")
         key = (u.method, u.hparams_hash)
         if key in seen:
             raise SpecError(f"unlearn[{i}] repeats method {u.method!r} with the same hparams")

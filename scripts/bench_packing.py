@@ -16,7 +16,8 @@ that trains wrongly falls towards chance, 0.1.
 ResNet-18 stacks as grouped convolutions with BatchNorm per model (farm.train.stacked_resnet); every phase of
 a stacked worker runs its K models at once (rates count K x images): the finetune phase through the method's
 stacked twin (farm.train.stacked_methods), each model with its own farm.train.loops.make_loader loader; at K=1
-the method itself, through the same batch-gathering loader. Finetunes run in float32 as the method does.
+the method itself, through the same batch-gathering loader. Finetunes run under the setting's precision,
+as the engine runs a method whose hparams hold `precision` (the preset's finetunes: `precision: auto`).
 With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (28x28x1, batch 256).
 
 Two more levers, measured rather than assumed: --memory-formats channels_last (the weights and the images in
@@ -81,7 +82,7 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     from farm.train.methods import get_method
     from farm.train.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
-    from farm.train.loops import configure_gpu_kernels, make_loader, predict_logits, train_model
+    from farm.train.loops import configure_gpu_kernels, make_loader, method_autocast, predict_logits, train_model
     from farm.train.stacked import StackedModels, predict_stacked_chunks, train_stacked
     from farm.train.stacked_methods import STACKED_METHODS
 
@@ -123,11 +124,13 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
             train_model(net, images, labels, idx, cfg, gen)
         elif phase == "finetune" and stacked is not None:  # the method's stacked twin, each model its loader
             loaders = [make_loader(images, labels, idx, cfg.batch_size, True, rank * 1000 + k) for k in range(stack)]
-            stacked_finetune(stacked, loaders, None, None, [{}] * stack, lr=0.01, epochs=1, momentum=0.9,
-                             weight_decay=5e-4)
+            with method_autocast(device, precision):
+                stacked_finetune(stacked, loaders, None, None, [{}] * stack, lr=0.01, epochs=1, momentum=0.9,
+                                 weight_decay=5e-4)
         elif phase == "finetune":
-            finetune(net, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
-                     epochs=1)
+            with method_autocast(device, precision):
+                finetune(net, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
+                         epochs=1)
         elif stacked is not None:
             predict_stacked_chunks(stacked, images[:count], queries, max(1, cfg.eval_batch_size // stack), precision)
         else:
@@ -252,7 +255,7 @@ def main() -> None:
     n_retrain, n_unlearned = spec.count("retrain"), method.count
     print(f"  sizing: retrain = {spec.training.epochs} epochs x {retain} images + predicting "
           f"{CIFAR_TRAIN + CIFAR_TEST} x 2 queries; {method.method} = {epochs_u} epochs x {retain} + the same "
-          f"predictions; the set = {n_retrain} + {n_unlearned} models")
+          f"predictions, both in each row's precision; the set = {n_retrain} + {n_unlearned} models")
     sizing = {}
     for key, r in rates.items():
         predict_s = (CIFAR_TRAIN + CIFAR_TEST) / r["predict"]

@@ -2,6 +2,7 @@
 time marker, and the stability of the methods' order on a small digits store."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -232,3 +233,40 @@ def test_best_and_worst_methods_are_stable_across_two_search_seeds(small_store):
         assert row_b[best] >= max(row_b.values()) - tol, (best, row_a, row_b)
         assert row_b[worst] <= min(row_b.values()) + tol, (worst, row_a, row_b)
     print(json.dumps({f"{s}:{n}": round(v, 3) for (s, n), v in scores.items()}))
+
+
+def test_a_method_under_method_autocast_steps_as_with_autocast_around_its_forward_passes():
+    """A whole method under method_autocast (its backward passes and optimiser steps too) gives the weights
+    of the same loop with bf16 autocast around each forward pass and loss only, as training steps run; also
+    when the method enters autocast itself per step (nested). Plain autocast around the whole loop does not:
+    its weight cache keeps the first step's bf16 weights for every later forward pass."""
+    from farm.spec import ModelSpec
+    from farm.train.loops import method_autocast
+    from farm.train.models import build_model
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 16, 1, 8, 8, generator=gen), torch.randint(0, 10, (4, 16), generator=gen)
+    cpu = torch.device("cpu")
+
+    def steps(outer, inner):
+        torch.manual_seed(0)
+        net = build_model(ModelSpec(arch="small-cnn", width=4), 1, 10, 8)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        with outer():
+            for xb, yb in zip(x, y):
+                opt.zero_grad()
+                with inner():
+                    loss = torch.nn.functional.cross_entropy(net(xb).float(), yb)
+                loss.backward()
+                opt.step()
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    plain = contextlib.nullcontext
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    whole = lambda: method_autocast(cpu, "bf16")  # noqa: E731
+    per_step = steps(plain, bf16)
+    assert torch.equal(steps(whole, plain), per_step)
+    assert torch.equal(steps(whole, bf16), per_step)
+    assert not torch.equal(steps(bf16, plain), per_step)
+    assert not torch.equal(steps(plain, plain), per_step)  # bf16 made a difference
+    assert torch.equal(steps(lambda: method_autocast(cpu, "fp32"), plain), steps(plain, plain))

@@ -3,6 +3,7 @@ the built-in run on each model alone ends (weights, BatchNorm statistics, predic
 engine and the scheduler too."""
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -232,6 +233,54 @@ def test_augment_is_the_farms_hparam_and_stacks(tmp_path):
     d["unlearn"][0]["hparams"]["augment"] = "yes"
     with pytest.raises(SpecError, match=r"unlearn\[0\].hparams.augment must be true or false, got 'yes'"):
         spec_from_dict(d)
+
+
+def test_precision_is_the_farms_hparam_and_runs_the_method_under_autocast(tmp_path):
+    """hparams.precision: the method (a user's here) runs under bf16 autocast for bf16, under none for fp32,
+    absent or auto on a CPU; the key is never passed to the method, gives other model ids, and must be a
+    precision the farm knows."""
+    seen = tmp_path / "seen.jsonl"
+    path = tmp_path / "record.py"
+    path.write_text("import json, torch\n"
+                    "def unlearn(net, retain, forget, validation, epochs=1, lr=0.0):\n"
+                    f"    with open({str(seen)!r}, 'a') as fh:\n"
+                    "        fh.write(json.dumps([torch.is_autocast_enabled('cpu'), "
+                    "str(torch.get_autocast_dtype('cpu'))]) + '\\n')\n"
+                    "    return net\n")
+    ids = set()
+    for precision in ("bf16", "fp32", "auto", None):
+        extra = {"precision": precision} if precision else {}
+        (engine, _), jobs = _unlearn_jobs(TINY_SPEC, tmp_path / str(precision), f"{path}:unlearn", count=1,
+                                          **extra)
+        engine.run(jobs[0])
+        ids.add(jobs[0].model_id)
+    lines = seen.read_text().splitlines()
+    assert [json.loads(line)[0] for line in lines] == [True, False, False, False]
+    assert json.loads(lines[0])[1] == "torch.bfloat16"
+    assert len(ids) == 4
+    d = copy.deepcopy(TINY_SPEC)
+    d["unlearn"][0]["hparams"]["precision"] = "fp16"
+    with pytest.raises(SpecError, match=r"unlearn\[0\].hparams.precision 'fp16' is unknown; allowed: fp32, bf16, auto"):
+        spec_from_dict(d)
+
+
+def test_a_twin_runs_under_the_precision_its_models_ask_for(tmp_path):
+    """finetune with precision bf16, stacked and alone (the same jobs, seeds and originals): the same models
+    (one thread), and other models than in float32 (autocast reached the twin and the method)."""
+    conf = {}
+    for precision in ("bf16", "fp32"):
+        (alone, stacked), jobs = _unlearn_jobs(TINY_SPEC, tmp_path / precision, "finetune", count=2)
+        # the same jobs (ids, seeds, so batches) but for the precision: it alone can make the models differ
+        jobs = [dataclasses.replace(j, hparams={**j.hparams, "precision": precision}) for j in jobs]
+        for job in jobs:
+            alone.run(job)
+        stacked.run_batch(jobs)
+        for name in ("alone", "stacked"):
+            table = RunStore(str(tmp_path / precision / name)).read_conf()
+            conf[precision, name] = table.conf[[table.model_ids.index(j.model_id) for j in jobs]]
+    for precision in ("bf16", "fp32"):
+        np.testing.assert_allclose(conf[precision, "stacked"], conf[precision, "alone"], atol=1e-5, rtol=1e-5)
+    assert np.abs(conf["bf16", "alone"] - conf["fp32", "alone"]).max() > 1e-3
 
 
 def test_the_ray_driver_waits_as_long_as_a_stack_may_run():

@@ -74,7 +74,11 @@ def test_tune_section_is_checked():
            ({"search": "bayes"}, "tune.search 'bayes' is unknown"),
            ({"models": 1}, "tune.models must be an integer >= 2"),
            ({"colour": 1}, "unknown field"),
-           ({"params": {"lr": 0.01}}, "fixes every value")]
+           ({"params": {"lr": 0.01}}, "fixes every value"),
+           ({"params": {"lr": [0.01, 0.1], "precision": "fp16"}},
+            "tune.params.precision 'fp16' is unknown; allowed: fp32, bf16, auto"),
+           ({"params": {"lr": [0.01, 0.1], "augment": ["yes"]}}, r"tune.params.augment\[0\] must be true or false"),
+           ({"params": {"lr": [0.01, 0.1], "precision": None}}, "give the values to search")]
     for section, msg in bad:
         with pytest.raises(SpecError, match=msg):
             parse_tune(spec_from_dict(tune_spec(**section)))
@@ -87,6 +91,21 @@ def test_tune_section_is_checked():
     assert preset.identity_hash() == load_spec("digits-demo").identity_hash()
     assert preset.counts == {"original": 8, "retrain": 32} and not preset.unlearn
     assert parse_tune(preset).params == {"lr": [0.003, 0.01, 0.03, 0.1], "epochs": [1, 2, 4]}
+
+
+def test_the_farms_hparams_can_be_fixed_or_searched():
+    """precision and augment, which the farm consumes, enter a search like a method's own: fixed or listed,
+    and into every trial's hparams (so its model ids)."""
+    from farm.run.tune import parse_tune, trial_hparams
+    from farm.run.tune.space import param_space
+    from farm.train.methods import get_method
+
+    ts = parse_tune(spec_from_dict(tune_spec(params={"lr": [0.01, 0.1], "precision": "bf16",
+                                                     "augment": [False, True]})))
+    searched, fixed = param_space(ts, get_method("finetune"))
+    assert fixed == {"precision": "bf16"} and set(searched) == {"lr", "augment"}
+    assert trial_hparams(get_method("finetune"), {"lr": 0.1, "augment": True}, fixed, 0) == \
+        {"augment": True, "lr": 0.1, "precision": "bf16"}
 
 
 def test_a_search_only_spec_completes_from_the_stores_manifest(small_store, tmp_path):

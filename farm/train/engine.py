@@ -28,8 +28,8 @@ from farm.plan import Job
 from farm.spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
 from farm.store import RunStore, logits_table
 from farm.train.timelimit import TimeLimitExceeded, call_with_time_limit, grace_seconds
-from farm.train.loops import (accuracy, configure_gpu_kernels, make_loader, predict_logits, set_determinism,
-                       train_model)
+from farm.train.loops import (accuracy, configure_gpu_kernels, make_loader, method_autocast, predict_logits,
+                              set_determinism, train_model)
 
 
 AUTO_CPU_BATCH = 8  # measured on 2 cores: stacking 8 digits CNNs beats one at a time (docs/benchmarks.md)
@@ -278,10 +278,19 @@ class Engine:
                      for name, shuffle, offset in (("retain", True, 0), ("forget", True, 1), ("val", False, 2)))
 
     def _call_method(self, jobs: list[Job], fn, limit: float):
-        """fn() under the time limit; its failures as MethodError / MethodTimeoutError naming the models."""
+        """fn() under the time limit and under the autocast the jobs' `precision` hparam asks for (one setting:
+        the jobs share their hparams); its failures as MethodError / MethodTimeoutError naming the models.
+        The whole method runs under it (farm.train.loops.method_autocast), backward passes included: these
+        reverse the forward's casts whether or not autocast is on (tested), so only the forward passes
+        change (bf16 matmuls and convolutions)."""
         job, who = jobs[0], _models_named(jobs)
+
+        def call():
+            with method_autocast(self.device, job.hparams.get("precision", "fp32")):
+                return fn()
+
         try:
-            return call_with_time_limit(fn, limit, on_stuck=lambda: self._stuck(jobs, limit))
+            return call_with_time_limit(call, limit, on_stuck=lambda: self._stuck(jobs, limit))
         except TimeLimitExceeded as exc:
             raise MethodTimeoutError(f"{who}: method {job.method!r} {exc} (unlearn time_limit)") from None
         except KeyboardInterrupt:

@@ -34,12 +34,23 @@ def configure_gpu_kernels(device: torch.device, kernels: str = "deterministic") 
         torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, weight_cache: bool = True):
     """The context a forward pass runs in: bf16 autocast for "bf16" (and for "auto" on a GPU), else nothing.
-    Only the forward pass runs under it; losses are taken in float32 and the weights stay float32."""
+    Only the forward pass runs under it; losses are taken in float32 and the weights stay float32.
+    weight_cache: autocast keeps the bf16 copy of each weight it casts until the outermost autocast ends,
+    which is right only while the weights do not change inside it (see method_autocast)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=weight_cache)
     return contextlib.nullcontext()
+
+
+def method_autocast(device: torch.device, precision: str):
+    """The autocast a whole unlearning method runs under (its hparams' `precision`, farm.train.engine).
+    Unlike a training step's, it spans the method's optimiser steps, so its weight cache is off: a weight's
+    cached bf16 copy would outlive the step that changes the weight, and every later forward pass would
+    read the stale copy. A method that enters autocast itself inherits that setting (torch.autocast's
+    default), so it too reads the weights as they are."""
+    return autocast(device, precision, weight_cache=False)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

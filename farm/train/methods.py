@@ -32,12 +32,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from farm.spec import SpecError, is_file_ref
+from farm.spec import FARM_HPARAMS, SpecError, is_file_ref
 
 PARAM_TYPES = ("float", "int", "bool", "choice")
 # Consumed by the farm, never passed on; part of the hparams hash, so of the model id: seed (a replicate
-# seed) and augment (the retain and forget loaders augment their batches, farm.train.loops.make_loader).
-RESERVED_HPARAMS = ("seed", "augment")
+# seed), augment (the retain and forget loaders augment their batches, farm.train.loops.make_loader) and
+# precision (the autocast the method runs under, farm.train.engine).
+RESERVED_HPARAMS = ("seed", *FARM_HPARAMS)
 
 
 @dataclass(frozen=True)

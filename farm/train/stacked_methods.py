@@ -13,8 +13,8 @@ A stacked method is its one-at-a-time twin of farm.train.methods, stepped for K 
 So the K models end where K one-at-a-time runs end, up to the float rounding of the batched kernels.
 What a method decides per model before its loop (noise_finetune's noise, erase_repair's layers to reset,
 retrain's re-initialisation, salun's saliency mask) runs on each model alone before stacking (prepare).
-Every built-in has a twin; a user's method runs one at a time. Like their twins, the stacked methods run
-in float32 without autocast.
+Every built-in has a twin; a user's method runs one at a time. A twin runs under the autocast its jobs'
+`precision` hparam asks for, as the method alone would (farm.train.engine).
 """
 from __future__ import annotations
 

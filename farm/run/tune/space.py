@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ray import tune
 
-from farm.spec import Spec, SpecError, TuneSpec
+from farm.spec import FARM_HPARAMS, Spec, SpecError, TuneSpec, check_farm_hparam
 from farm.train.methods import Method, get_method
 
 
@@ -40,14 +40,19 @@ def param_space(ts: TuneSpec, method: Method) -> tuple[dict, dict]:
     searched, fixed = {}, {}
     for name, value in names.items():
         where = f"tune.params.{name}"
-        p = method.space.get(name)
-        if p is None and not method.open_space:
+        p = None if name in FARM_HPARAMS else method.space.get(name)
+        if name in FARM_HPARAMS:  # the farm's own (augment, precision): fixed or searched like the method's
+            check = lambda v, w, name=name: check_farm_hparam(name, v, w)  # noqa: E731
+        elif p is not None:
+            check = p.check
+        elif method.open_space:
+            check = lambda v, w: v  # noqa: E731
+        else:
             raise SpecError(f"{where}: method {method.name!r} has no hyper-parameter {name!r}; allowed: "
-                            f"{', '.join(method.space)}")
-        check = (lambda v, w: p.check(v, w)) if p is not None else (lambda v, w: v)
+                            f"{', '.join((*method.space, *FARM_HPARAMS))}")
         if value is None:
             if p is None:
-                raise SpecError(f"{where}: give values for a user method's parameter")
+                raise SpecError(f"{where}: give the values to search ({name!r} has no declared grid or range)")
             if ts.search == "grid":
                 if not p.grid:
                     raise SpecError(f"{where}: {method.name!r} declares no grid for {name!r}; list the values")
@@ -87,7 +92,7 @@ def trial_hparams(method: Method, config: dict, fixed: dict, seed: int) -> dict:
     out = dict(fixed)
     for k, v in config.items():
         v = v.item() if hasattr(v, "item") else v
-        p = method.space.get(k)
+        p = None if k in FARM_HPARAMS else method.space.get(k)
         out[k] = p.check(v, f"hparams.{k}") if p is not None else v
         if isinstance(out[k], float):
             out[k] = float(f"{out[k]:.6g}")  # stable, readable ids for sampled floats
