@@ -30,6 +30,7 @@ every phase; its compile time falls in an untimed warm-up, printed as "compile+w
     python scripts/bench_packing.py --procs 1 --precisions bf16 fp32 --memory-formats contiguous channels_last \
         --compile off on --images 12288                  # the K=1 levers: memory format x torch.compile
     python scripts/bench_packing.py --procs 1 2 --stack 1 2 --images 256 --precisions fp32   # smoke test, CPU
+    python scripts/bench_packing.py ... --budget-s 500     # end what runs past 500 s; the summary still prints
 """
 from __future__ import annotations
 
@@ -160,10 +161,13 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
 
 
 def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1, memory_format: str = "contiguous",
-            compile_: str = "off") -> tuple[dict[str, float], float, float]:
+            compile_: str = "off", timeout: float | None = None) -> tuple[dict[str, float], float, float]:
     """Aggregate images per second per phase for `procs` processes sharing the device, each training `stack`
     models at once (every phase counts every model's images), the slowest worker's warm-up seconds, and the
-    models' mean accuracy on held-out images of the synthetic task."""
+    models' mean accuracy on held-out images of the synthetic task. Workers still running after `timeout`
+    seconds are ended (SystemExit)."""
+    import queue as queues
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -172,7 +176,14 @@ def measure(arch: str, procs: int, n: int, precision: str, stack: int = 1, memor
           for r in range(procs)]
     for p in ps:
         p.start()
-    results = [queue.get() for _ in ps]
+    end = None if timeout is None else time.monotonic() + timeout
+    try:
+        results = [queue.get(timeout=None if end is None else max(0.0, end - time.monotonic())) for _ in ps]
+    except queues.Empty:
+        for p in ps:
+            p.kill()
+            p.join()
+        raise SystemExit(f"still running after the {timeout:.0f} s left of --budget-s; ended") from None
     for p in ps:
         p.join()
         if p.exitcode:
@@ -205,14 +216,25 @@ def main() -> None:
     ap.add_argument("--memory-formats", nargs="+", choices=["contiguous", "channels_last"], default=["contiguous"])
     ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
                     help="torch.compile the model (K=1 only)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds for all settings: a setting still running then is ended and the rest skipped, "
+                         "so the summary always prints (one device call)")
     args = ap.parse_args()
+    start = time.monotonic()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
     print(f"device: {device}, torch {torch.__version__}; {args.arch}, batch {SHAPES[args.arch]['batch']}, "
           f"{args.images} images per process")
     rates = {}
-    for key in itertools.product(args.precisions, args.procs, args.stack, args.memory_formats, args.compile):
+    settings = list(itertools.product(args.precisions, args.procs, args.stack, args.memory_formats, args.compile))
+    # P=4 packing of one model at a time, the baseline of the ratios, first: a budget that runs out leaves it
+    settings.sort(key=lambda key: key[1:] != (4, 1, "contiguous", "off"))
+    for key in settings:
         precision, p, k, memory_format, compile_ = key
         name = f"{label(key):<42}"
+        left = None if args.budget_s is None else args.budget_s - (time.monotonic() - start)
+        if left is not None and left <= 0:
+            print(f"  {name}: skipped (--budget-s {args.budget_s:g} spent)", flush=True)
+            continue
         if k > 1 and compile_ == "on":
             print(f"  {name}: skipped (torch.compile is measured for one model at a time, K=1)", flush=True)
             continue
@@ -221,7 +243,7 @@ def main() -> None:
                   f"tensors, no module to convert)", flush=True)
             continue
         try:
-            r, warm_s, acc = measure(args.arch, p, args.images, precision, k, memory_format, compile_)
+            r, warm_s, acc = measure(args.arch, p, args.images, precision, k, memory_format, compile_, left)
         except SystemExit as exc:  # e.g. out of memory at a large K: the other settings still count
             print(f"  {name}: failed ({exc})", flush=True)
             continue

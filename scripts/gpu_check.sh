@@ -11,7 +11,8 @@
 # batched-products profile and torch.compile timings. PART=resnet (540 s): ResNet-18 on a CIFAR-shaped
 # synthetic task, P processes per GPU x K models stacked per process (training, the finetune method's
 # stacked twin, prediction), each setting's test accuracy, and per setting one retrain's and one finetune's
-# GPU-seconds and the 512 + 512 set's GPU-hours, as ratios against P=4 packing measured in the same call.
+# GPU-seconds and the 512 + 512 set's GPU-hours, as ratios against P=4 packing measured in the same call
+# (measured first; --budget-s ends a setting that would run past the step's limit, so the summary prints).
 # PART=levers (540 s): ResNet-18 one model at a time (P=1, K=1), bf16 and fp32 x contiguous and channels_last
 # x torch.compile off and on (12288 images: whole batches and predict chunks, so no partial-batch graphs).
 set -u
@@ -30,12 +31,12 @@ elif [ "$PART" = more ]; then
   step batched-grouped 150 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 --layout grouped ${BATCHED_ARGS:-}
   step batched-deterministic 120 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 --gpu-kernels deterministic ${BATCHED_ARGS:-}
   step step-deterministic 60 $PY scripts/bench_stacked_step.py --layouts bmm triton --precisions bf16 --kernels deterministic --steps 5
-  step packing-small-cnn 60 $PY scripts/bench_packing.py --arch small-cnn --procs 1 4 --precisions bf16 --images 30000 ${PACKING_ARGS:-}
-  step packing-resnet18 120 $PY scripts/bench_packing.py --precisions bf16 --images 12800 ${PACKING_ARGS:-}
+  step packing-small-cnn 60 $PY scripts/bench_packing.py --arch small-cnn --procs 1 4 --precisions bf16 --images 30000 --budget-s 50 ${PACKING_ARGS:-}
+  step packing-resnet18 120 $PY scripts/bench_packing.py --precisions bf16 --images 12800 --budget-s 105 ${PACKING_ARGS:-}
 elif [ "$PART" = resnet ]; then
-  step resnet-stack 540 $PY scripts/bench_packing.py --precisions bf16 --images 12800 --procs 1 4 --stack 1 4 16 ${PACKING_ARGS:-}
+  step resnet-stack 540 $PY scripts/bench_packing.py --precisions bf16 --images 12800 --procs 1 4 --stack 1 4 16 --budget-s 500 ${PACKING_ARGS:-}
 elif [ "$PART" = levers ]; then
-  step levers 540 $PY scripts/bench_packing.py --procs 1 --stack 1 --precisions bf16 fp32 --memory-formats contiguous channels_last --compile off on --images 12288 ${PACKING_ARGS:-}
+  step levers 540 $PY scripts/bench_packing.py --procs 1 --stack 1 --precisions bf16 fp32 --memory-formats contiguous channels_last --compile off on --images 12288 --budget-s 500 ${PACKING_ARGS:-}
 elif [ "$PART" = compile ]; then
   step step-bmm 60 $PY scripts/bench_stacked_step.py --layouts bmm --precisions bf16 --kernels autotuned --profile
   step step-compiled 150 $PY scripts/bench_stacked_step.py --layouts grouped bmm --precisions bf16 --kernels autotuned --compile --profile
