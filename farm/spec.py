@@ -23,6 +23,7 @@ DATASETS = ("digits", "fashion-mnist", "cifar10", "arrays")
 ARCHS = ("small-cnn", "resnet18")
 PRECISIONS = ("fp32", "bf16", "auto")
 GPU_KERNELS = ("deterministic", "autotuned")
+MEMORY_FORMATS = ("contiguous", "channels_last")
 FORGET_KINDS = ("random", "classes", "groups")
 QUERIES = ("plain", "hflip", "shift")  # shift:DX,DY with integer pixel offsets
 ROLES = ("original", "retrain", "shadow", "unlearned")
@@ -125,6 +126,9 @@ class ResourceSpec:
     # GPU only: "deterministic" kernels (the same bits on the same card and software) or cuDNN's "autotuned"
     # ones (faster for some shapes, not bit-reproducible). CPU runs are deterministic either way.
     gpu_kernels: str = "deterministic"
+    # how weights and images lie in memory: NCHW ("contiguous") or NHWC ("channels_last", which tensor-core
+    # convolutions read without transposing); the same models up to float rounding
+    memory_format: str = "contiguous"
 
 
 TUNE_SEARCHES = ("grid", "random", "optuna")
@@ -535,6 +539,9 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"resources.batch_models must be a positive integer or 'auto', got {r.batch_models!r}")
     if r.gpu_kernels not in GPU_KERNELS:
         raise SpecError(f"resources.gpu_kernels {r.gpu_kernels!r} is unknown; allowed: {', '.join(GPU_KERNELS)}")
+    if r.memory_format not in MEMORY_FORMATS:
+        raise SpecError(f"resources.memory_format {r.memory_format!r} is unknown; allowed: "
+                        f"{', '.join(MEMORY_FORMATS)}")
     _positive_int(r.workers_per_model, "resources.workers_per_model")
     if isinstance(spec.max_retries, bool) or not isinstance(spec.max_retries, int) or spec.max_retries < 0:
         raise SpecError(f"max_retries must be a non-negative integer, got {spec.max_retries!r}")

@@ -21,8 +21,9 @@ as the engine runs a method whose hparams hold `precision` (the preset's finetun
 With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (28x28x1, batch 256).
 
 Two more levers, measured rather than assumed: --memory-formats channels_last (the weights and the images in
-NHWC; stacked ResNet-18s convert their stacked network, stacked small CNNs are skipped: their weights are
-plain tensors for farm.train.stacked_cnn's kernels) and --compile on (torch.compile of the K=1 model, used by
+NHWC, as `resources.memory_format: channels_last` gives; stacked ResNet-18s' network takes its models'
+format, stacked small CNNs are skipped: their weights are plain tensors for farm.train.stacked_cnn's
+kernels) and --compile on (torch.compile of the K=1 model, used by
 every phase; its compile time falls in an untimed warm-up, printed as "compile+warm-up").
 
     python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
@@ -83,7 +84,8 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     from farm.train.methods import get_method
     from farm.train.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
-    from farm.train.loops import configure_gpu_kernels, make_loader, method_autocast, predict_logits, train_model
+    from farm.train.loops import (configure_gpu_kernels, in_memory_format, make_loader, method_autocast,
+                                  predict_logits, train_model)
     from farm.train.stacked import StackedModels, predict_stacked_chunks, train_stacked
     from farm.train.stacked_methods import STACKED_METHODS
 
@@ -99,16 +101,14 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     cfg = TrainingSpec(epochs=1, batch_size=shape["batch"], lr=0.1, augment=shape["augment"], eval_batch_size=2048,
                        precision=precision)
     torch.manual_seed(rank)
-    models = [build_model(ModelSpec(arch=arch, width=shape["width"]), shape["channels"], 10, shape["size"]).to(device)
-              for _ in range(stack)]
+    # as the engine makes them under resources.memory_format: the weights and the images every phase reads
+    # its batches from (a stacked ResNet-18's StackedNet takes its models' format; stacked small CNNs' weights
+    # stay plain tensors for farm.train.stacked_cnn's kernels)
+    models = [in_memory_format(build_model(ModelSpec(arch=arch, width=shape["width"]), shape["channels"], 10,
+                                           shape["size"]).to(device), memory_format) for _ in range(stack)]
+    images = in_memory_format(images, memory_format)
     model = models[0]
     stacked = StackedModels(models) if stack > 1 else None
-    if memory_format == "channels_last":
-        images = images.contiguous(memory_format=torch.channels_last)  # every phase reads its batches from here
-        # in place (the parameters stay the same objects, so the stacked models' parameter dict still holds them);
-        # a stacked ResNet-18's weights live in its StackedNet of grouped convolutions
-        for m in [model] + ([stacked.net] if stacked is not None else []):
-            m.to(memory_format=torch.channels_last)
     # static shapes: one graph per batch shape (full batches, a last partial one), each compiled in the warm-up,
     # rather than a dynamic-shape graph
     net = torch.compile(model, dynamic=False) if compile_ == "on" else model

@@ -28,7 +28,7 @@ def test_identity_ignores_counts_and_methods_but_not_training():
     bf16["training"]["precision"] = "bf16"
     assert spec_from_dict(bf16).identity_hash() != a.identity_hash()
     kernels = copy.deepcopy(TINY_SPEC)
-    kernels["resources"] = {"gpu_kernels": "autotuned"}
+    kernels["resources"] = {"gpu_kernels": "autotuned", "memory_format": "channels_last"}
     assert spec_from_dict(kernels).identity_hash() == a.identity_hash()
 
 
@@ -59,6 +59,8 @@ def _with(path, value):
     (("training", "momentum_x"), 1, "training: unknown field(s) momentum_x"),
     (("training", "precision"), "fp16", "training.precision 'fp16' is unknown; allowed: fp32, bf16, auto"),
     (("resources", "gpu_kernels"), "fast", "resources.gpu_kernels 'fast' is unknown"),
+    (("resources", "memory_format"), "nhwc", "resources.memory_format 'nhwc' is unknown; allowed: contiguous, "
+                                             "channels_last"),
 ])
 def test_bad_values_name_the_field(path, value, needle):
     with pytest.raises(SpecError) as err:

@@ -221,6 +221,40 @@ def test_the_engine_stacks_resnet18_jobs_of_one_training_set_size(tmp_path):
     assert np.allclose(a.conf, b.conf, atol=2e-3, rtol=1e-3)
 
 
+def test_channels_last_gives_the_same_resnet18_models(tmp_path):
+    """resources.memory_format: channels_last: the engine's models, stacked network and images lie in NHWC,
+    and shadows, retrained models (stacked, one SGD step: see above) and stacked and lone finetunes equal
+    the contiguous run's up to float rounding."""
+    from farm.train.loops import is_channels_last
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (80, 8, 8, 3), dtype=np.uint8),
+             labels=rng.integers(0, 4, 80))
+    raw = copy.deepcopy(TINY_SPEC)
+    raw.update(model={"arch": "resnet18"}, counts={"original": 1, "shadow": 2}, queries=["plain"],
+               unlearn=[{"method": "finetune", "count": 3, "hparams": {"lr": 0.01, "epochs": 1}}],
+               dataset={"name": "arrays", "path": str(tmp_path / "d.npz"), "test_fraction": 0.25})
+    raw["training"].update(epochs=1, batch_size=4096)
+    conf, formats = {}, []
+    for memory_format in ("contiguous", "channels_last"):
+        raw["resources"] = {"memory_format": memory_format}
+        prep = prepare_run(spec_from_dict(raw), str(tmp_path / memory_format))
+        engine = Engine(prep.context(), threads=1)
+        trained = [j for j in prep.plan.jobs if j.role != "unlearned"]
+        unlearned = [j for j in prep.plan.jobs if j.role == "unlearned"]
+        engine.run(trained[0])  # the original
+        engine.run_batch(trained[1:])  # the two shadows, stacked
+        engine.run_batch(unlearned[:2])  # two finetunes stacked by the twin, one alone
+        engine.run(unlearned[2])
+        formats.append((is_channels_last(engine.new_model()), is_channels_last(StackedModels(
+            [engine.new_model() for _ in range(2)]).net), engine.images.is_contiguous(memory_format=torch.channels_last)))
+        store = RunStore(str(tmp_path / memory_format))
+        table = store.read_conf()
+        conf[memory_format] = table.conf[[table.model_ids.index(j.model_id) for j in prep.plan.jobs]]
+    assert formats == [(False, False, False), (True, True, True)]
+    np.testing.assert_allclose(conf["channels_last"], conf["contiguous"], atol=2e-3, rtol=1e-3)
+
+
 def test_stacked_prediction_uses_running_statistics_as_each_model_does():
     """The GPU's prediction path (the stacked forward pass in chunks) runs in eval mode even right after
     training, and equals each unstacked model's prediction on the CPU path."""

@@ -28,8 +28,8 @@ from farm.plan import Job
 from farm.spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
 from farm.store import RunStore, logits_table
 from farm.train.timelimit import TimeLimitExceeded, call_with_time_limit, grace_seconds
-from farm.train.loops import (accuracy, configure_gpu_kernels, make_loader, method_autocast, predict_logits,
-                              set_determinism, train_model)
+from farm.train.loops import (accuracy, configure_gpu_kernels, in_memory_format, make_loader, method_autocast,
+                              predict_logits, set_determinism, train_model)
 
 
 AUTO_CPU_BATCH = 8  # measured on 2 cores: stacking 8 digits CNNs beats one at a time (docs/benchmarks.md)
@@ -86,7 +86,8 @@ class Engine:
         self.spec = ctx.spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         configure_gpu_kernels(self.device, ctx.spec.resources.gpu_kernels)
-        self.images = torch.tensor(ctx.images, device=self.device)  # a copy: object-store arrays are read-only
+        # a copy (object-store arrays are read-only), in the memory format the models read
+        self.images = in_memory_format(torch.tensor(ctx.images, device=self.device), ctx.spec.resources.memory_format)
         self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
         self.store = RunStore(ctx.store_uri)
         self._stack_size: int | None = None  # stack_size(), measured on first use
@@ -96,7 +97,8 @@ class Engine:
 
     def new_model(self) -> torch.nn.Module:
         _, c, h, _ = self.ctx.images.shape
-        return build_model(self.spec.model, in_channels=c, n_classes=self.ctx.n_classes, image_size=h).to(self.device)
+        model = build_model(self.spec.model, in_channels=c, n_classes=self.ctx.n_classes, image_size=h)
+        return in_memory_format(model.to(self.device), self.spec.resources.memory_format)
 
     def run(self, job: Job) -> dict:
         """Train (or unlearn) the job's model and commit it to the store; returns its marker."""

@@ -34,6 +34,25 @@ def configure_gpu_kernels(device: torch.device, kernels: str = "deterministic") 
         torch.use_deterministic_algorithms(kernels == "deterministic", warn_only=True)
 
 
+def in_memory_format(x, memory_format: str):
+    """A module (its 4-D weights, in place) or a 4-D image tensor in resources.memory_format: "channels_last"
+    (NHWC strides, what tensor-core convolutions read directly) or "contiguous" (left as it is). Batches
+    indexed from channels_last images stay channels_last, and so do a channels_last convolution's outputs."""
+    if memory_format != "channels_last" or (isinstance(x, torch.Tensor) and x.dim() != 4):
+        return x
+    return x.to(memory_format=torch.channels_last) if isinstance(x, torch.nn.Module) \
+        else x.contiguous(memory_format=torch.channels_last)
+
+
+def is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's 4-D weights lie in NHWC strides: the first one whose two layouts differ (more than
+    one input channel and pixel) says."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] * p.shape[-2] > 1:
+            return p.is_contiguous(memory_format=torch.channels_last)
+    return False
+
+
 def autocast(device: torch.device, precision: str, weight_cache: bool = True):
     """The context a forward pass runs in: bf16 autocast for "bf16" (and for "auto" on a GPU), else nothing.
     Only the forward pass runs under it; losses are taken in float32 and the weights stay float32.

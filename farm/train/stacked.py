@@ -40,7 +40,7 @@ from farm.train.models import SmallCNN
 from farm.train.stacked_resnet import stack_models, unstack
 from farm.train.stacked_cnn import forward_bmm, forward_grouped, forward_triton
 from farm.spec import TrainingSpec
-from farm.train.loops import apply_query, augment_batch, autocast, predict_logits
+from farm.train.loops import apply_query, augment_batch, autocast, is_channels_last, predict_logits
 
 
 # The stacked SmallCNN layout (farm.train.stacked_cnn), chosen by scripts/bench_stacked_step.py and
@@ -102,10 +102,14 @@ class StackedModels:
             if not can_stack(models[0]):
                 raise ValueError("these models hold buffers and a layer farm.train.stacked_resnet cannot stack")
             self.net, self.layout = stack_models(models), "bn-grouped"
+            if is_channels_last(models[0]):  # the stacked network keeps the models' memory format
+                self.net.to(memory_format=torch.channels_last)
             self.params = dict(self.net.named_parameters())
             return
         params, _ = stack_module_state(models)
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        # plain strides whatever the models' memory format: farm.train.stacked_cnn's kernels index them so
+        self.params = {k: v.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+                       for k, v in params.items()}
         self.base = copy.deepcopy(models[0]).to("meta")  # the architecture only; weights come from params
 
         def one(p, x):
