@@ -245,7 +245,8 @@ class Engine:
         if job.role == "original" or self.spec.outputs.keep_weights:
             assert model is not None, "weights are kept for this model but no module was passed"
             buf = io.BytesIO()
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
+            # plain strides whatever resources.memory_format: a store's weights do not depend on it
+            torch.save({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, buf)
             weights = buf.getvalue()
         pred = logits[:, 0].argmax(-1)
         acc = {name: accuracy(pred, self.ctx.labels, mask) for name, mask in self.masks.items()}
