@@ -14,7 +14,7 @@ from farm.run import prepare_run, run_local
 from farm.spec import ModelSpec, SpecError, spec_from_dict
 from farm.store import RunStore
 from farm.train.engine import Engine, MethodError
-from farm.train.loops import make_loader
+from farm.train.loops import make_loader, method_autocast
 from farm.train.methods import get_method
 from farm.train.models import build_model
 from farm.train.stacked import StackedModels
@@ -95,6 +95,32 @@ def test_stacked_twin_ends_where_each_model_alone_ends(name, arch):
     with torch.no_grad():
         for a, b in zip(alone, together):
             torch.testing.assert_close(b.eval()(images), a.eval()(images), **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_METHODS))
+@pytest.mark.parametrize("arch", ["small-cnn", "batchnorm"])
+def test_stacked_twin_under_bf16_ends_where_each_model_alone_ends(name, arch):
+    """float32 under the engine's bf16 method autocast (hparams.precision: bf16), 1 epoch: the twin's
+    models equal the built-in's on each model alone (one thread: bf16 products of the same operands), and
+    bf16 changed them (against float32)."""
+    if arch == "batchnorm":
+        make = lambda: [m.float() for m in _tiny_models(K, seed=4)]  # noqa: E731
+        images, labels = _data(3, 8)
+    else:
+        def make():
+            torch.manual_seed(4)
+            return [build_model(ModelSpec(width=4), 1, 3, 8) for _ in range(K)]
+        images, labels = _data(1, 8)
+    images = images.float()
+    hparams = get_method(name).resolve({**HPARAMS[name], "epochs": 1, "lr": 0.05})
+    cpu = torch.device("cpu")
+    with method_autocast(cpu, "bf16"):
+        alone = _one_at_a_time(name, make(), images, labels, hparams)
+        together = _stacked(name, make(), images, labels, hparams)
+    fp32 = _one_at_a_time(name, make(), images, labels, hparams)
+    for k in range(K):
+        _assert_states_equal(together[k].state_dict(), alone[k].state_dict(), rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(v, fp32[0].state_dict()[n]) for n, v in alone[0].state_dict().items())
 
 
 def test_following_global_continues_the_global_generator():
