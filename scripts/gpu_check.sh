@@ -15,6 +15,10 @@
 # (measured first; --budget-s ends a setting that would run past the step's limit, so the summary prints).
 # PART=levers (540 s): ResNet-18 one model at a time (P=1, K=1), bf16 and fp32 x contiguous and channels_last
 # x torch.compile off and on (12288 images: whole batches and predict chunks, so no partial-batch graphs).
+# PART=issue (limits 420 s: one call of a 15-minute device budget, with room for a shorter rerun): the
+# ResNet-18 figures first (bf16, 6400 images a process: P=1 and P=4 x K=1 and K=8 x contiguous and
+# channels_last; P=4 K=1 contiguous, the ratios' baseline, first; the finetunes under bf16 as the preset
+# runs them, and the 512 + 512 sizing), then the small CNN's 256-shadow no-regression check.
 set -u
 DATA=${DATA:-data/fashion-mnist}
 OUT=${OUT:-.}
@@ -37,9 +41,12 @@ elif [ "$PART" = resnet ]; then
   step resnet-stack 540 $PY scripts/bench_packing.py --precisions bf16 --images 12800 --procs 1 4 --stack 1 4 16 --budget-s 500 ${PACKING_ARGS:-}
 elif [ "$PART" = levers ]; then
   step levers 540 $PY scripts/bench_packing.py --procs 1 --stack 1 --precisions bf16 fp32 --memory-formats contiguous channels_last --compile off on --images 12288 --budget-s 500 ${PACKING_ARGS:-}
+elif [ "$PART" = issue ]; then
+  step resnet-issue 270 $PY scripts/bench_packing.py --precisions bf16 --images 6400 --procs 1 4 --stack 1 8 --memory-formats contiguous channels_last --budget-s 250 ${PACKING_ARGS:-}
+  step batched 150 $PY scripts/bench_farm.py --only batched --dataset fashion-mnist --data "$DATA" --baseline-models 8 ${BATCHED_ARGS:-}
 elif [ "$PART" = compile ]; then
   step step-bmm 60 $PY scripts/bench_stacked_step.py --layouts bmm --precisions bf16 --kernels autotuned --profile
   step step-compiled 150 $PY scripts/bench_stacked_step.py --layouts grouped bmm --precisions bf16 --kernels autotuned --compile --profile
 else
-  echo "gpu_check: PART must be target, more, resnet, levers or compile, got $PART" >&2; exit 2
+  echo "gpu_check: PART must be target, more, resnet, levers, issue or compile, got $PART" >&2; exit 2
 fi
