@@ -23,8 +23,8 @@ With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (2
 Two more levers, measured rather than assumed: --memory-formats channels_last (the weights and the images in
 NHWC, as `resources.memory_format: channels_last` gives; stacked ResNet-18s' network takes its models'
 format, stacked small CNNs are skipped: their weights are plain tensors for farm.train.stacked_cnn's
-kernels) and --compile on (torch.compile of the K=1 model, used by
-every phase; its compile time falls in an untimed warm-up, printed as "compile+warm-up").
+kernels) and --compile on (torch.compile of the K=1 model, used by every phase; its compile time falls in
+an untimed warm-up, printed as "compile+warm-up").
 
     python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
     python scripts/bench_packing.py --procs 1 4 --stack 1 4 16 --precisions bf16   # packing x stacking

@@ -250,8 +250,8 @@ def test_channels_last_gives_the_same_resnet18_models(tmp_path):
         formats.append((is_channels_last(engine.new_model()), is_channels_last(StackedModels(
             [engine.new_model() for _ in range(2)]).net), engine.images.is_contiguous(memory_format=torch.channels_last)))
         store = RunStore(str(tmp_path / memory_format))
-        original = torch.load(io.BytesIO(store.read_weights(trained[0].model_id, store.marker(trained[0].model_id))),
-                              weights_only=True)
+        weights = store.read_weights(trained[0].model_id, store.marker(trained[0].model_id))
+        original = torch.load(io.BytesIO(weights), weights_only=True)
         assert all(w.is_contiguous() for w in original.values())  # the store's weights lie in plain strides
         table = store.read_conf()
         conf[memory_format] = table.conf[[table.model_ids.index(j.model_id) for j in prep.plan.jobs]]
