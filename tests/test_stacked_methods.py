@@ -286,7 +286,8 @@ def test_precision_is_the_farms_hparam_and_runs_the_method_under_autocast(tmp_pa
     assert len(ids) == 4
     d = copy.deepcopy(TINY_SPEC)
     d["unlearn"][0]["hparams"]["precision"] = "fp16"
-    with pytest.raises(SpecError, match=r"unlearn\[0\].hparams.precision 'fp16' is unknown; allowed: fp32, bf16, auto"):
+    with pytest.raises(SpecError, match=r"unlearn\[0\].hparams.precision 'fp16' is unknown; allowed: fp32, "
+                                        "bf16, auto"):
         spec_from_dict(d)
 
 

@@ -247,8 +247,9 @@ def test_channels_last_gives_the_same_resnet18_models(tmp_path):
         engine.run_batch(trained[1:])  # the two shadows, stacked
         engine.run_batch(unlearned[:2])  # two finetunes stacked by the twin, one alone
         engine.run(unlearned[2])
-        formats.append((is_channels_last(engine.new_model()), is_channels_last(StackedModels(
-            [engine.new_model() for _ in range(2)]).net), engine.images.is_contiguous(memory_format=torch.channels_last)))
+        stack = StackedModels([engine.new_model() for _ in range(2)])
+        formats.append((is_channels_last(engine.new_model()), is_channels_last(stack.net),
+                        engine.images.is_contiguous(memory_format=torch.channels_last)))
         store = RunStore(str(tmp_path / memory_format))
         weights = store.read_weights(trained[0].model_id, store.marker(trained[0].model_id))
         original = torch.load(io.BytesIO(weights), weights_only=True)
