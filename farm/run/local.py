@@ -30,8 +30,7 @@ def run_local(prep: PreparedRun, progress: bool = True, device: str | None = Non
         while sched.queue:
             jobs = sched.take()
             if not jobs:  # the originals of a waiting stack's members train before it, in this one loop
-                raise RuntimeError("the scheduler has queued jobs but none can start: " +
-                                   ", ".join(j.model_id for j in list(sched.queue)[:5]))
+                raise sched.stalled()
             try:
                 engine.run_batch(jobs)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM (farm.cli): the run stops, committed models stay

@@ -271,8 +271,7 @@ def run_ray(prep: PreparedRun, address: str | None = None, max_workers: int | No
                     inflight[actor.run.remote(jobs)] = (actor, jobs, time.monotonic())
                 if not inflight:
                     if sched.queue:  # nothing running could release the rest of a waiting stack
-                        raise RuntimeError("the scheduler has queued jobs but none can start: " +
-                                           ", ".join(j.model_id for j in list(sched.queue)[:5]))
+                        raise sched.stalled()
                     break
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_next_deadline(inflight))
                 for ref in _overdue(inflight) if not ready else ():

@@ -93,6 +93,12 @@ class Scheduler:
                 return [ready[m] for m in members]
         return []
 
+    def stalled(self) -> RuntimeError:
+        """The error of an executor whose queue holds jobs that cannot start (take() gives []) while nothing
+        it runs could release them."""
+        return RuntimeError("the scheduler has queued jobs but none can start: " +
+                            ", ".join(j.model_id for j in list(self.queue)[:5]))
+
     def _members(self, job: Job) -> list[str]:
         """The ids of the job's stack still to make (itself only after its stack raised), in plan order."""
         members = (job.model_id,) if job.model_id in self.solo else self.stacks.get(job.model_id, (job.model_id,))

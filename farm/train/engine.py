@@ -91,6 +91,7 @@ class Engine:
         self.labels = torch.from_numpy(ctx.labels.astype(np.int64)).to(self.device)
         self.store = RunStore(ctx.store_uri)
         self._stack_size: int | None = None  # stack_size(), measured on first use
+        self._stacking: tuple[bool, bool] | None = None  # stacking(), found on first use
         split = ctx.split
         self.masks = {"train": split == "train", "val": split == "val", "test": split == "test",
                       "retain": (split == "train") & ~ctx.forget, "forget": ctx.forget}
@@ -121,11 +122,11 @@ class Engine:
         (stack_key: a mix, another method) or the architecture cannot stack. Models with BatchNorm stack only
         with models of the same training-set size (farm.train.stacked). The stacked kernels' rounding depends
         on how many models share them: the scheduler fixes the batches (farm.run.scheduler.plan_stacks)."""
-        probe = self.new_model()
+        stackable, batchnorm = self.stacking()
         key = stack_key(jobs[0])
-        if not can_stack(probe) or key is None or any(stack_key(j) != key for j in jobs):
+        if not stackable or key is None or any(stack_key(j) != key for j in jobs):
             return [self.run(j) for j in jobs]
-        if has_batchnorm(probe) and len({len(j.train_idx) for j in jobs}) > 1:
+        if batchnorm and len({len(j.train_idx) for j in jobs}) > 1:
             by_size: dict[int, list[Job]] = {}
             for j in jobs:
                 by_size.setdefault(len(j.train_idx), []).append(j)
@@ -147,6 +148,13 @@ class Engine:
         start = time.perf_counter()
         stack = self._unlearn_stack(jobs) if jobs[0].role == "unlearned" else self._train_stack(jobs)
         return self._commit_stack(jobs, stack, start)
+
+    def stacking(self) -> tuple[bool, bool]:
+        """(can_stack, has_batchnorm) of this run's architecture, from one model built on first use."""
+        if self._stacking is None:
+            model = self.new_model()
+            self._stacking = (can_stack(model), has_batchnorm(model))
+        return self._stacking
 
     def stack_size(self) -> int:
         """Models per stacked batch in this run: resources.batch_models, or for "auto" what batch_capacity
@@ -212,11 +220,11 @@ class Engine:
         """How many models one stacked batch should hold here ("auto" in the spec): AUTO_CPU_BATCH on a CPU
         (1 for models with BatchNorm, whose stacking was not measured faster there); on a GPU, what 70% of the
         free memory holds, from the peak memory of a probe step of 4 models."""
-        model = self.new_model()
-        if not can_stack(model):
+        stackable, batchnorm = self.stacking()
+        if not stackable:
             return 1
         if self.device.type != "cuda":
-            return 1 if has_batchnorm(model) else AUTO_CPU_BATCH
+            return 1 if batchnorm else AUTO_CPU_BATCH
         probe = 4
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
