@@ -129,6 +129,9 @@ class ResourceSpec:
     # how weights and images lie in memory: NCHW ("contiguous") or NHWC ("channels_last", which tensor-core
     # convolutions read without transposing); the same models up to float rounding
     memory_format: str = "contiguous"
+    # torch.compile every model's forward pass (Module.compile): fewer, fused kernels for models that run one
+    # at a time, paid for by compiling once per worker process; the same models up to float rounding
+    compile: bool = False
 
 
 TUNE_SEARCHES = ("grid", "random", "optuna")

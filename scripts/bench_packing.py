@@ -23,8 +23,9 @@ With --arch small-cnn the same is measured for the fashion-mnist preset's CNN (2
 Two more levers, measured rather than assumed: --memory-formats channels_last (the weights and the images in
 NHWC, as `resources.memory_format: channels_last` gives; stacked ResNet-18s' network takes its models'
 format, stacked small CNNs are skipped: their weights are plain tensors for farm.train.stacked_cnn's
-kernels) and --compile on (torch.compile of the K=1 model, used by every phase; its compile time falls in
-an untimed warm-up, printed as "compile+warm-up").
+kernels) and --compile on (the K=1 model compiled by torch.compile as `resources.compile: true` compiles it,
+farm.train.loops.compiled, and used by every phase, the method's included; its compile time falls in an
+untimed warm-up, printed as "compile+warm-up").
 
     python scripts/bench_packing.py                       # P = 1, 2, 4; fp32 and bf16 (a GPU)
     python scripts/bench_packing.py --procs 1 4 --stack 1 4 16 --precisions bf16   # packing x stacking
@@ -84,8 +85,8 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     from farm.train.methods import get_method
     from farm.train.models import build_model
     from farm.spec import ModelSpec, TrainingSpec
-    from farm.train.loops import (configure_gpu_kernels, in_memory_format, make_loader, method_autocast,
-                                  predict_logits, train_model)
+    from farm.train.loops import (compiled, configure_gpu_kernels, in_memory_format, make_loader,
+                                  method_autocast, predict_logits, train_model)
     from farm.train.stacked import StackedModels, predict_stacked_chunks, train_stacked
     from farm.train.stacked_methods import STACKED_METHODS
 
@@ -107,11 +108,8 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     models = [in_memory_format(build_model(ModelSpec(arch=arch, width=shape["width"]), shape["channels"], 10,
                                            shape["size"]).to(device), memory_format) for _ in range(stack)]
     images = in_memory_format(images, memory_format)
-    model = models[0]
     stacked = StackedModels(models) if stack > 1 else None
-    # static shapes: one graph per batch shape (full batches, a last partial one), each compiled in the warm-up,
-    # rather than a dynamic-shape graph
-    net = torch.compile(model, dynamic=False) if compile_ == "on" else model
+    model = compiled(models[0], compile_ == "on")  # in place, as the engine compiles its models
     gens = [torch.Generator().manual_seed(rank * 1000 + k) for k in range(stack)]
     finetune = get_method("finetune").fn
     stacked_finetune = STACKED_METHODS["finetune"].run
@@ -122,7 +120,7 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
         if phase == "train" and stacked is not None:
             train_stacked(stacked, images, labels, [idx] * stack, cfg, gens)
         elif phase == "train":
-            train_model(net, images, labels, idx, cfg, gen)
+            train_model(model, images, labels, idx, cfg, gen)
         elif phase == "finetune" and stacked is not None:  # the method's stacked twin, each model its loader
             loaders = [make_loader(images, labels, idx, cfg.batch_size, True, rank * 1000 + k) for k in range(stack)]
             with method_autocast(device, precision):
@@ -130,20 +128,20 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
                                  weight_decay=5e-4)
         elif phase == "finetune":
             with method_autocast(device, precision):
-                finetune(net, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
+                finetune(model, make_loader(images, labels, idx, cfg.batch_size, True, rank), None, None, lr=0.01,
                          epochs=1)
         elif stacked is not None:
             predict_stacked_chunks(stacked, images[:count], queries, max(1, cfg.eval_batch_size // stack), precision)
         else:
-            predict_logits(net, images[:count], queries, cfg.eval_batch_size, precision)
+            predict_logits(model, images[:count], queries, cfg.eval_batch_size, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # warm-up: kernels chosen, allocator grown. A compiled module compiles a graph for every new batch shape
-    # (the last partial batch, the last predict chunk), so it warms up on all n: no compiling in a timed phase
+    # warm-up: kernels chosen, allocator grown. A compiled module compiles a graph for a new batch shape (the
+    # last partial batch, the last predict chunk), so it warms up on all n: no compiling in a timed phase
     t0 = time.time()
     for phase in PHASES:
-        run(phase, n if net is not model else min(n, 512))
+        run(phase, n if compile_ == "on" else min(n, 512))
     warm_s = time.time() - t0
     times = {}
     for phase in PHASES:
@@ -155,7 +153,7 @@ def run_worker(rank: int, arch: str, n: int, precision: str, stack: int, memory_
     if stacked is not None:
         logits = torch.from_numpy(predict_stacked_chunks(stacked, test_images, ("plain",), 512, precision))[:, :, 0]
     else:
-        logits = torch.from_numpy(predict_logits(net, test_images, ("plain",), 512, precision))[None, :, 0]
+        logits = torch.from_numpy(predict_logits(model, test_images, ("plain",), 512, precision))[None, :, 0]
     correct = (logits.argmax(-1) == test_labels[None]).sum(1).tolist()
     return times, warm_s, correct
 

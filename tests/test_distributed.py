@@ -2,6 +2,7 @@
 import copy
 
 import numpy as np
+import pytest
 
 from farm.run.data_parallel import run_distributed
 from farm.run import prepare_run, run_local
@@ -10,10 +11,12 @@ from farm.store import RunStore
 from tests.conftest import TINY_SPEC
 
 
-def test_data_parallel_models_match_single_worker_training(ray_address, tmp_path):
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_data_parallel_models_match_single_worker_training(ray_address, tmp_path, compile_):
+    """Also with resources.compile: DDP over the compiled model, against one uncompiled worker."""
     d = copy.deepcopy(TINY_SPEC)
     d["counts"] = {"original": 1}
-    d["resources"] = {"workers_per_model": 2}
+    d["resources"] = {"workers_per_model": 2, "compile": compile_}
     spec = spec_from_dict(d)
     result = run_distributed(prepare_run(spec, str(tmp_path / "ddp")), 2, use_gpu=False, progress=False)
     assert not result.failed and result.trained == ["original-00000"]  # the 2 unlearned are left pending

@@ -28,7 +28,7 @@ def test_identity_ignores_counts_and_methods_but_not_training():
     bf16["training"]["precision"] = "bf16"
     assert spec_from_dict(bf16).identity_hash() != a.identity_hash()
     kernels = copy.deepcopy(TINY_SPEC)
-    kernels["resources"] = {"gpu_kernels": "autotuned", "memory_format": "channels_last"}
+    kernels["resources"] = {"gpu_kernels": "autotuned", "memory_format": "channels_last", "compile": True}
     assert spec_from_dict(kernels).identity_hash() == a.identity_hash()
 
 
@@ -61,6 +61,7 @@ def _with(path, value):
     (("resources", "gpu_kernels"), "fast", "resources.gpu_kernels 'fast' is unknown"),
     (("resources", "memory_format"), "nhwc", "resources.memory_format 'nhwc' is unknown; allowed: contiguous, "
                                              "channels_last"),
+    (("resources", "compile"), "max", "resources.compile must be true or false, got 'max'"),
 ])
 def test_bad_values_name_the_field(path, value, needle):
     with pytest.raises(SpecError) as err:

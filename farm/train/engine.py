@@ -28,8 +28,8 @@ from farm.plan import Job
 from farm.spec import DEFAULT_UNLEARN_TIME_LIMIT, Spec
 from farm.store import RunStore, logits_table
 from farm.train.timelimit import TimeLimitExceeded, call_with_time_limit, grace_seconds
-from farm.train.loops import (accuracy, configure_gpu_kernels, in_memory_format, make_loader, method_autocast,
-                              predict_logits, set_determinism, train_model)
+from farm.train.loops import (accuracy, compiled, configure_gpu_kernels, in_memory_format, make_loader,
+                              method_autocast, predict_logits, set_determinism, train_model)
 
 
 AUTO_CPU_BATCH = 8  # measured on 2 cores: stacking 8 digits CNNs beats one at a time (docs/benchmarks.md)
@@ -99,7 +99,8 @@ class Engine:
     def new_model(self) -> torch.nn.Module:
         _, c, h, _ = self.ctx.images.shape
         model = build_model(self.spec.model, in_channels=c, n_classes=self.ctx.n_classes, image_size=h)
-        return in_memory_format(model.to(self.device), self.spec.resources.memory_format)
+        resources = self.spec.resources
+        return compiled(in_memory_format(model.to(self.device), resources.memory_format), resources.compile)
 
     def run(self, job: Job) -> dict:
         """Train (or unlearn) the job's model and commit it to the store; returns its marker."""
@@ -328,7 +329,8 @@ class Engine:
         if out_shapes != shapes:
             raise MethodOutputError(f"model {job.model_id}: method {job.method!r} returned a model of another "
                                     "shape than the original")
-        return out.to(self.device).eval()
+        # a method may return another module than the one it was given (a copy, say): compile that one too
+        return compiled(out.to(self.device).eval(), self.spec.resources.compile)
 
     def _stuck(self, jobs: list[Job], limit: float) -> None:
         """Called from the time limit's watchdog when a method cannot be interrupted: record the failure of

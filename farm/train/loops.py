@@ -53,6 +53,18 @@ def is_channels_last(model: torch.nn.Module) -> bool:
     return False
 
 
+def compiled(model: torch.nn.Module, compile_: bool) -> torch.nn.Module:
+    """The model, its calls compiled by torch.compile when resources.compile is on (Module.compile, in place:
+    the module stays itself, its state_dict keys and all, so methods, stacking and the store see a plain
+    model). Compiling is lazy and once per process: a new model of the same architecture reuses the graphs
+    (one per training mode, grad mode, autocast state and batch shape; a second batch shape, such as the
+    last partial batch, compiles one graph with a dynamic batch size for all others). A deep copy runs
+    uncompiled. Calling it again on a compiled model only re-wraps it."""
+    if compile_:
+        model.compile()
+    return model
+
+
 def autocast(device: torch.device, precision: str, weight_cache: bool = True):
     """The context a forward pass runs in: bf16 autocast for "bf16" (and for "auto" on a GPU), else nothing.
     Only the forward pass runs under it; losses are taken in float32 and the weights stay float32.
