@@ -38,9 +38,9 @@ def test_compiled_runs_give_the_models_an_uncompiled_run_gives(tmp_path, one_thr
             engine.run(job)
         engine.run_batch(by_role["shadow"])  # stacked: the stacked kernels, not the compiled forward pass
         store = RunStore(str(tmp_path / str(setting)))
-        original = [j.model_id for j in prep.plan.jobs if j.role == "original"][0]
-        keys[setting] = list(torch.load(io.BytesIO(store.read_weights(original, store.marker(original))),
-                                        weights_only=True))
+        original = by_role["original"][0].model_id
+        weights = store.read_weights(original, store.marker(original))
+        keys[setting] = list(torch.load(io.BytesIO(weights), weights_only=True))
         table = store.read_conf()
         conf[setting] = table.conf[[table.model_ids.index(j.model_id) for j in prep.plan.jobs]]
     assert graphs[False] == 0 and graphs[True] > 0
