@@ -234,6 +234,13 @@ def cheapest_set(sizing: dict, precision: str, n_retrain: int, n_unlearned: int)
     return best_retrain, best_unlearn, retrain_s, unlearn_s, hours
 
 
+def preset_resources(key: tuple) -> dict:
+    """The `resources` fields that run a setting under Ray: P processes per card is `gpus: 1/P`, K stacked
+    models `batch_models: K`."""
+    _, p, k, memory_format, compile_ = key
+    return {"gpus": 1 / p, "batch_models": k, "memory_format": memory_format, "compile": compile_ == "on"}
+
+
 def main() -> None:
     import torch
 
@@ -329,6 +336,10 @@ def main() -> None:
         print(f"  sizing ({precision}, retrains at {label(best_retrain)}, {method.method} at {label(best_unlearn)}): "
               f"one retrain {retrain_s:.1f} GPU-s; one {method.method} ({epochs_u} epochs) {unlearn_s:.1f} GPU-s; "
               f"{n_retrain} + {n_unlearned} models: {hours:.2f} GPU-hours{ratio}")
+        # a spec has one resources section for all its models: the preset takes the cheapest single setting
+        single = min((key for key in sizing if key[0] == precision), key=lambda key: sizing[key][2])
+        print(f"  one setting for the whole set ({precision}): {label(single)}, {sizing[single][2]:.2f} GPU-hours; "
+              f"as the preset's resources: {preset_resources(single)}")
 
 
 if __name__ == "__main__":

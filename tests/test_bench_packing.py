@@ -46,3 +46,15 @@ def test_the_cheapest_set_may_mix_settings():
     retrain_at, unlearn_at, retrain_s, unlearn_s, _ = bench.cheapest_set(sizing, "bf16", 512, 512)
     assert (retrain_at, unlearn_at) == (FAST_TRAIN, BALANCED)
     assert (retrain_s, unlearn_s) == pytest.approx((27.06, 9.6))
+
+
+def test_a_setting_becomes_the_resources_that_run_it_and_they_load():
+    from farm.spec import load_spec, spec_from_dict
+
+    fields = bench.preset_resources(("bf16", 4, 8, "channels_last", "on"))
+    assert fields == {"gpus": 0.25, "batch_models": 8, "memory_format": "channels_last", "compile": True}
+    raw = load_spec("cifar10-resnet18").to_dict()
+    raw["resources"].update(fields)
+    resources = spec_from_dict(raw).resources
+    assert (resources.gpus, resources.batch_models, resources.memory_format, resources.compile) == (
+        0.25, 8, "channels_last", True)
