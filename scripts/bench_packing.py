@@ -209,8 +209,8 @@ def set_sizing(rates: dict, epochs: int, epochs_u: int, retain: int, predicted: 
         unlearn_s = epochs_u * retain / rate_finetune + predict_s
         hours     = (n_retrain * retrain_s + n_unlearned * unlearn_s) / 3600
 
-    `rates` maps a setting to its aggregate images per second per phase (measure()): GPU-seconds per model
-    are 1 / that rate's share, since the rate already counts every process and stacked model on the card."""
+    `rates` maps a setting to its images per second per phase summed over every process and stacked model on
+    the card (measure()), so images / rate is one model's share of the card's seconds."""
     sizing = {}
     for key, r in rates.items():
         predict_s = predicted / r["predict"]
